@@ -1,0 +1,320 @@
+"""Candidate operations: immutable specs with canonical names, and their Flax modules (NHWC).
+
+Families (reference §2): ``none``, ``pool(max|avg,k)``, ``skip`` (identity, or a FactorizedReduce
+when strided) and ``conv(k=K,d=D,mul=[...])``, a stack of ``len(mul)+1`` separable units
+(ReLU -> depthwise KxK dilation D -> pointwise 1x1 -> BatchNorm) with hidden widths ``C*m``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import ClassVar, Union
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from prnas_jax.errors import UserError
+
+ALLOWED_NAMES = ('none', 'skip', 'pool(max,K)', 'pool(avg,K)', 'conv(k=K,d=D,mul=[M,...])',
+                 'or a DARTS name such as sep_conv_3x3, dil_conv_5x5, max_pool_3x3, skip_connect')
+
+
+@dataclasses.dataclass(frozen=True)
+class Zero:
+  """The zero operation (DARTS ``none``)."""
+  family: ClassVar[str] = 'none'
+  morphable: ClassVar[bool] = False
+
+  def __str__(self):
+    return 'none'
+
+  @property
+  def label(self):
+    return 'Zero()'
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+  """Identity; a FactorizedReduce when the edge is strided."""
+  family: ClassVar[str] = 'skip'
+  morphable: ClassVar[bool] = False
+
+  def __str__(self):
+    return 'skip'
+
+  @property
+  def label(self):
+    return 'Skip()'
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  """KxK max or average pooling with padding K//2 (average excludes the padding)."""
+  kind: str
+  k: int = 3
+  family: ClassVar[str] = 'pool'
+  morphable: ClassVar[bool] = False
+
+  def __post_init__(self):
+    if self.kind not in ('max', 'avg'):
+      raise UserError(f'pool kind {self.kind!r} is unknown: use max or avg')
+    _check_odd('pool', 'k', self.k)
+
+  def __str__(self):
+    return f'pool({self.kind},{self.k})'
+
+  @property
+  def label(self):
+    return f'Pool({self.kind}, {self.k}x{self.k})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """``len(mul)+1`` separable units sharing kernel ``k`` and dilation ``d``."""
+  k: int = 3
+  d: int = 1
+  mul: tuple[int, ...] = ()
+  family: ClassVar[str] = 'conv'
+  morphable: ClassVar[bool] = True
+
+  def __post_init__(self):
+    object.__setattr__(self, 'mul', tuple(self.mul))
+    _check_odd('conv', 'k', self.k)
+    if not (isinstance(self.d, int) and self.d >= 1):
+      raise UserError(f'conv dilation d={self.d!r} is invalid: use an integer >= 1')
+    if not all(isinstance(m, int) and m >= 1 for m in self.mul):
+      raise UserError(f'conv mul={list(self.mul)!r} is invalid: use integers >= 1')
+
+  def __str__(self):
+    return f'conv(k={self.k},d={self.d},mul=[{",".join(map(str, self.mul))}])'
+
+  @property
+  def label(self):
+    parts = [f'{self.k}x{self.k}']
+    if self.d != 1:
+      parts.append(f'dil={self.d}')
+    if self.mul:
+      parts.append(f'mult=[{", ".join(map(str, self.mul))}]')
+    return f'Conv({", ".join(parts)})'
+
+
+Spec = Union[Zero, Skip, Pool, Conv]
+
+
+def _check_odd(family, key, value):
+  if not (isinstance(value, int) and value >= 1 and value % 2 == 1):
+    raise UserError(f'{family} kernel {key}={value!r} is invalid: use an odd integer >= 1')
+
+
+def darts_name(spec: Spec) -> str | None:
+  """The DARTS name of ``spec``, or None where DARTS has none."""
+  if isinstance(spec, Zero):
+    return 'none'
+  if isinstance(spec, Skip):
+    return 'skip_connect'
+  if isinstance(spec, Pool):
+    return f'{spec.kind}_pool_{spec.k}x{spec.k}'
+  if spec.mul == (1,) and spec.d == 1:
+    return f'sep_conv_{spec.k}x{spec.k}'
+  if spec.mul == () and spec.d == 2:
+    return f'dil_conv_{spec.k}x{spec.k}'
+  return None
+
+
+_CANONICAL = {
+    'conv': re.compile(r'conv\(k=(\d+),d=(\d+),mul=\[((?:\d+(?:,\d+)*)?)\]\)'),
+    'pool': re.compile(r'pool\((max|avg),(\d+)\)'),
+}
+_DARTS = {
+    'sep_conv': re.compile(r'sep_conv_(\d+)x\1'),
+    'dil_conv': re.compile(r'dil_conv_(\d+)x\1'),
+    'pool': re.compile(r'(max|avg)_pool_(\d+)x\2'),
+}
+
+
+def parse(text: str) -> Spec:
+  """Parses a canonical string (``str(spec)``) or a DARTS name into a spec."""
+  if not isinstance(text, str):
+    raise UserError(f'candidate {text!r} is not a string: use one of {", ".join(ALLOWED_NAMES)}')
+  s = re.sub(r'\s+', '', text)
+  if s in ('none', 'zero'):
+    return Zero()
+  if s in ('skip', 'skip_connect'):
+    return Skip()
+  if m := _CANONICAL['conv'].fullmatch(s):
+    mul = tuple(int(v) for v in m.group(3).split(',')) if m.group(3) else ()
+    return Conv(int(m.group(1)), int(m.group(2)), mul)
+  if m := _CANONICAL['pool'].fullmatch(s):
+    return Pool(m.group(1), int(m.group(2)))
+  if m := _DARTS['sep_conv'].fullmatch(s):
+    return Conv(int(m.group(1)), 1, (1,))
+  if m := _DARTS['dil_conv'].fullmatch(s):
+    return Conv(int(m.group(1)), 2, ())
+  if m := _DARTS['pool'].fullmatch(s):
+    return Pool(m.group(1), int(m.group(2)))
+  raise UserError(f'unknown candidate {text!r}: use one of {", ".join(ALLOWED_NAMES)}')
+
+
+START_SETS: dict[str, tuple[Spec, ...]] = {
+    'prdarts4': (Pool('max', 3), Pool('avg', 3), Skip(), Conv(3, 1, ())),
+    'prdarts5': (Zero(), Pool('max', 3), Pool('avg', 3), Skip(), Conv(3, 1, ())),
+    'darts': (Zero(), Pool('max', 3), Pool('avg', 3), Skip(), Conv(3, 1, (1,)), Conv(5, 1, (1,)),
+              Conv(3, 2, ()), Conv(5, 2, ())),
+}
+
+
+def start_set(name: str) -> tuple[Spec, ...]:
+  if name not in START_SETS:
+    raise UserError(f'unknown start set {name!r}: use one of {", ".join(START_SETS)}')
+  return START_SETS[name]
+
+
+def unit_widths(spec: Conv, channels: int) -> list[int]:
+  """Channel widths along a conv candidate: ``[C, C*m_1, ..., C*m_n, C]``."""
+  return [channels] + [channels * m for m in spec.mul] + [channels]
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax modules. Every candidate maps (N, H, W, C) -> (N, H/stride, W/stride, C).
+
+DW_FORMS = ('grouped', 'dense')
+
+
+def default_dw_form() -> str:
+  """XLA:CPU's grouped convolution is slow (design.md): dense-diagonal there, grouped elsewhere."""
+  return 'dense' if jax.default_backend() == 'cpu' else 'grouped'
+
+
+def depthwise_conv(x, kernel, *, stride=1, dilation=1, form=None):
+  """Depthwise KxK convolution with symmetric padding ``(K-1)*d//2``.
+
+  ``kernel`` is (K, K, 1, C). ``form='grouped'`` uses ``feature_group_count=C``; ``'dense'``
+  convolves with the dense diagonal kernel ``kernel * eye(C)``; both compute the same function.
+  """
+  form = form or default_dw_form()
+  k, c = kernel.shape[0], kernel.shape[-1]
+  if form == 'grouped':
+    rhs, groups = kernel, c
+  elif form == 'dense':
+    rhs, groups = kernel * jnp.eye(c, dtype=kernel.dtype), 1
+  else:
+    raise UserError(f'unknown depthwise form {form!r}: use one of {", ".join(DW_FORMS)}')
+  p = (k - 1) * dilation // 2
+  return jax.lax.conv_general_dilated(
+      x, rhs, window_strides=(stride, stride), padding=((p, p), (p, p)),
+      rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups)
+
+
+def batch_norm(affine: bool, name: str = 'bn') -> nn.BatchNorm:
+  """BatchNorm with PyTorch's momentum 0.1 and eps 1e-5; affine-free during search."""
+  return nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_scale=affine, use_bias=affine, name=name)
+
+
+class Depthwise(nn.Module):
+  k: int
+  dilation: int = 1
+  stride: int = 1
+  form: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (self.k, self.k, 1, x.shape[-1]))
+    return depthwise_conv(x, kernel, stride=self.stride, dilation=self.dilation, form=self.form)
+
+
+def pointwise(features: int, stride: int = 1, name: str = 'pw') -> nn.Conv:
+  return nn.Conv(features, (1, 1), strides=(stride, stride), padding='VALID', use_bias=False,
+                 name=name)
+
+
+class SepUnit(nn.Module):
+  """ReLU -> depthwise KxK -> pointwise 1x1 -> BatchNorm."""
+  features: int
+  k: int
+  dilation: int = 1
+  stride: int = 1
+  affine: bool = False
+  dw_form: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.relu(x)
+    x = Depthwise(self.k, self.dilation, self.stride, self.dw_form, name='dw')(x)
+    x = pointwise(self.features)(x)
+    return batch_norm(self.affine)(x, use_running_average=not train)
+
+
+class ConvOp(nn.Module):
+  """A conv candidate: units ``unit0..unitN``; the first carries the stride."""
+  spec: Conv
+  channels: int
+  stride: int = 1
+  affine: bool = False
+  dw_form: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    widths = unit_widths(self.spec, self.channels)
+    for i, width in enumerate(widths[1:]):
+      x = SepUnit(width, self.spec.k, self.spec.d, self.stride if i == 0 else 1, self.affine,
+                  self.dw_form, name=f'unit{i}')(x, train)
+    return x
+
+
+class PoolOp(nn.Module):
+  spec: Pool
+  stride: int = 1
+
+  def __call__(self, x, train: bool):
+    del train
+    k, p, s = self.spec.k, self.spec.k // 2, self.stride
+    if self.spec.kind == 'max':
+      return nn.max_pool(x, (k, k), (s, s), ((p, p), (p, p)))
+    return nn.avg_pool(x, (k, k), (s, s), ((p, p), (p, p)), count_include_pad=False)
+
+
+class FactorizedReduce(nn.Module):
+  """ReLU, two 1x1 stride-2 convs (one on x shifted by a pixel), concat, BatchNorm."""
+  features: int
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.features % 2:
+      raise ValueError(f'FactorizedReduce needs an even channel count, got {self.features}')
+    x = nn.relu(x)
+    half = self.features // 2
+    x = jnp.concatenate([pointwise(half, 2, 'conv1')(x),
+                         pointwise(half, 2, 'conv2')(x[:, 1:, 1:, :])], axis=-1)
+    return batch_norm(self.affine)(x, use_running_average=not train)
+
+
+class ZeroOp(nn.Module):
+  stride: int = 1
+
+  def __call__(self, x, train: bool):
+    del train
+    return jnp.zeros_like(x[:, ::self.stride, ::self.stride, :])
+
+
+class IdentityOp(nn.Module):
+
+  def __call__(self, x, train: bool):
+    del train
+    return x
+
+
+def make_op(spec: Spec, channels: int, stride: int = 1, affine: bool = False,
+            dw_form: str | None = None, name: str | None = None) -> nn.Module:
+  """The Flax module of candidate ``spec`` on ``channels`` channels; call it as ``op(x, train)``."""
+  if isinstance(spec, Zero):
+    return ZeroOp(stride, name=name)
+  if isinstance(spec, Skip):
+    return IdentityOp(name=name) if stride == 1 else FactorizedReduce(channels, affine, name=name)
+  if isinstance(spec, Pool):
+    return PoolOp(spec, stride, name=name)
+  if isinstance(spec, Conv):
+    return ConvOp(spec, channels, stride, affine, dw_form, name=name)
+  raise TypeError(f'not a candidate spec: {spec!r}')
