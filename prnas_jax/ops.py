@@ -2,7 +2,8 @@
 
 Families (reference §2): ``none``, ``pool(max|avg,k)``, ``skip`` (identity, or a FactorizedReduce
 when strided) and ``conv(k=K,d=D,mul=[...])``, a stack of ``len(mul)+1`` separable units
-(ReLU -> depthwise KxK dilation D -> pointwise 1x1 -> BatchNorm) with hidden widths ``C*m``.
+(ReLU -> depthwise KxK dilation D -> pointwise 1x1 -> BatchNorm) with hidden widths ``C*m``;
+``fac_conv(K)`` is AmoebaNet's ``conv_7x1_1x7`` (registry cells only, not searched).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from flax import linen as nn
 from prnas_jax.errors import UserError
 
 ALLOWED_NAMES = ('none', 'skip', 'pool(max,K)', 'pool(avg,K)', 'conv(k=K,d=D,mul=[M,...])',
+                 'fac_conv(K)',
                  'or a DARTS name such as sep_conv_3x3, dil_conv_5x5, max_pool_3x3, skip_connect')
 
 
@@ -99,7 +101,25 @@ class Conv:
     return f'Conv({", ".join(parts)})'
 
 
-Spec = Union[Zero, Skip, Pool, Conv]
+@dataclasses.dataclass(frozen=True)
+class FacConv:
+  """ReLU -> 1xK conv -> Kx1 conv -> BatchNorm: AmoebaNet's ``conv_7x1_1x7`` (not searched)."""
+  k: int = 7
+  family: ClassVar[str] = 'fac_conv'
+  morphable: ClassVar[bool] = False
+
+  def __post_init__(self):
+    _check_odd('fac_conv', 'k', self.k)
+
+  def __str__(self):
+    return f'fac_conv({self.k})'
+
+  @property
+  def label(self):
+    return f'Conv(1x{self.k}, {self.k}x1)'
+
+
+Spec = Union[Zero, Skip, Pool, Conv, FacConv]
 
 
 def _check_odd(family, key, value):
@@ -115,6 +135,8 @@ def darts_name(spec: Spec) -> str | None:
     return 'skip_connect'
   if isinstance(spec, Pool):
     return f'{spec.kind}_pool_{spec.k}x{spec.k}'
+  if isinstance(spec, FacConv):
+    return f'conv_{spec.k}x1_1x{spec.k}'
   if spec.mul == (1,) and spec.d == 1:
     return f'sep_conv_{spec.k}x{spec.k}'
   if spec.mul == () and spec.d == 2:
@@ -125,11 +147,13 @@ def darts_name(spec: Spec) -> str | None:
 _CANONICAL = {
     'conv': re.compile(r'conv\(k=(\d+),d=(\d+),mul=\[((?:\d+(?:,\d+)*)?)\]\)'),
     'pool': re.compile(r'pool\((max|avg),(\d+)\)'),
+    'fac_conv': re.compile(r'fac_conv\((\d+)\)'),
 }
 _DARTS = {
     'sep_conv': re.compile(r'sep_conv_(\d+)x\1'),
     'dil_conv': re.compile(r'dil_conv_(\d+)x\1'),
     'pool': re.compile(r'(max|avg)_pool_(\d+)x\2'),
+    'fac_conv': re.compile(r'conv_(\d+)x1_1x\1'),
 }
 
 
@@ -153,6 +177,8 @@ def parse(text: str) -> Spec:
     return Conv(int(m.group(1)), 2, ())
   if m := _DARTS['pool'].fullmatch(s):
     return Pool(m.group(1), int(m.group(2)))
+  if m := _CANONICAL['fac_conv'].fullmatch(s) or _DARTS['fac_conv'].fullmatch(s):
+    return FacConv(int(m.group(1)))
   raise UserError(f'unknown candidate {text!r}: use one of {", ".join(ALLOWED_NAMES)}')
 
 
@@ -306,6 +332,24 @@ class IdentityOp(nn.Module):
     return x
 
 
+class FacConvOp(nn.Module):
+  """ReLU -> 1xK conv (stride (1, s)) -> Kx1 conv (stride (s, 1)) -> BatchNorm, both C -> C."""
+  spec: FacConv
+  channels: int
+  stride: int = 1
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    k, p, s = self.spec.k, self.spec.k // 2, self.stride
+    x = nn.relu(x)
+    x = nn.Conv(self.channels, (1, k), strides=(1, s), padding=((0, 0), (p, p)), use_bias=False,
+                name='conv1')(x)
+    x = nn.Conv(self.channels, (k, 1), strides=(s, 1), padding=((p, p), (0, 0)), use_bias=False,
+                name='conv2')(x)
+    return batch_norm(self.affine)(x, use_running_average=not train)
+
+
 def make_op(spec: Spec, channels: int, stride: int = 1, affine: bool = False,
             dw_form: str | None = None, name: str | None = None) -> nn.Module:
   """The Flax module of candidate ``spec`` on ``channels`` channels; call it as ``op(x, train)``."""
@@ -317,4 +361,6 @@ def make_op(spec: Spec, channels: int, stride: int = 1, affine: bool = False,
     return PoolOp(spec, stride, name=name)
   if isinstance(spec, Conv):
     return ConvOp(spec, channels, stride, affine, dw_form, name=name)
+  if isinstance(spec, FacConv):
+    return FacConvOp(spec, channels, stride, affine, name=name)
   raise TypeError(f'not a candidate spec: {spec!r}')

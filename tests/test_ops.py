@@ -6,7 +6,7 @@ import pytest
 
 from prnas_jax import morph, ops
 from prnas_jax.errors import UserError
-from prnas_jax.ops import Conv, Pool, Skip, Zero
+from prnas_jax.ops import Conv, FacConv, Pool, Skip, Zero
 
 
 def _all_specs():
@@ -102,7 +102,7 @@ def _init_apply(spec, stride, affine=False, x=None, train=True, dw_form=None):
 
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('spec', [Zero(), Skip(), Pool('max', 3), Pool('avg', 5), Conv(3),
-                                  Conv(5, 2, (2,)), Conv(1, 1, (1, 1))])
+                                  Conv(5, 2, (2,)), Conv(1, 1, (1, 1)), FacConv(7)])
 def test_shapes(spec, stride):
   _, y = _init_apply(spec, stride)
   assert y.shape == (2, 8 // stride, 8 // stride, C)
@@ -196,13 +196,16 @@ def _count(tree):
 @pytest.mark.parametrize('affine', [False, True])
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('spec', [Zero(), Skip(), Pool('max', 3), Pool('avg', 3), Conv(3),
-                                  Conv(5, 2, (1,)), Conv(3, 1, (2,)), Conv(7, 1, (1, 3, 2))])
+                                  Conv(5, 2, (1,)), Conv(3, 1, (2,)), Conv(7, 1, (1, 3, 2)),
+                                  FacConv(7), FacConv(3)])
 def test_parameter_counts_closed_form(spec, stride, affine):
   variables, _ = _init_apply(spec, stride, affine)
   bn = 2 if affine else 0
   if isinstance(spec, Conv):
     w = [C] + [C * m for m in spec.mul] + [C]
     expected = sum(spec.k**2 * w[i] + w[i] * w[i + 1] + bn * w[i + 1] for i in range(len(w) - 1))
+  elif isinstance(spec, FacConv):
+    expected = 2 * spec.k * C * C + bn * C
   elif isinstance(spec, Skip) and stride == 2:
     expected = 2 * C * (C // 2) + bn * C
   else:
