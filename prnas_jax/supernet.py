@@ -1,0 +1,203 @@
+"""The DARTS supernet built from a search space (reference §1), its alphas, and the pure
+functions that move weights between supernets of different stages.
+
+Parameters are addressed as ``cell{i}/edge{e}/<canonical candidate string>``, so a rebuilt
+supernet takes over every surviving candidate's weights by name (``carry_over``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from prnas_jax import morph, ops
+from prnas_jax.ops import Spec
+from prnas_jax.space import CELL_TYPES, NODES, edge_inputs
+
+EdgeOps = tuple[tuple[Spec, ...], ...]  # per edge, the active candidates in column order
+
+
+@dataclasses.dataclass(frozen=True)
+class CellLayout:
+  reduction: bool
+  reduction_prev: bool
+  channels: int
+
+
+def layouts(layers: int, channels: int) -> list[CellLayout]:
+  """Cells with reductions at ``layers//3`` and ``2*layers//3``; C doubles at each."""
+  out, c, prev = [], channels, False
+  for i in range(layers):
+    red = i in (layers // 3, 2 * layers // 3)
+    c = c * 2 if red else c
+    out.append(CellLayout(red, prev, c))
+    prev = red
+  return out
+
+
+class ReLUConvBN(nn.Module):
+  features: int
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = ops.pointwise(self.features, name='conv')(nn.relu(x))
+    return ops.batch_norm(self.affine)(x, use_running_average=not train)
+
+
+class SearchPool(nn.Module):
+  """A pool candidate followed by an affine-free BatchNorm, as in DARTS' search."""
+  spec: ops.Pool
+  stride: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = ops.PoolOp(self.spec, self.stride)(x, train)
+    return ops.batch_norm(False)(x, use_running_average=not train)
+
+
+def search_op(spec: Spec, channels: int, stride: int, dw_form: str | None) -> nn.Module:
+  if isinstance(spec, ops.Pool):
+    return SearchPool(spec, stride, name=str(spec))
+  return ops.make_op(spec, channels, stride, affine=False, dw_form=dw_form, name=str(spec))
+
+
+class MixedOp(nn.Module):
+  """Sum of the edge's candidates weighted by their softmax(alpha) column."""
+  candidates: tuple[Spec, ...]
+  channels: int
+  stride: int
+  dw_form: str | None = None
+
+  @nn.compact
+  def __call__(self, x, weights, train: bool):
+    out = 0.0
+    for j, spec in enumerate(self.candidates):
+      out = out + weights[j] * search_op(spec, self.channels, self.stride, self.dw_form)(x, train)
+    return out
+
+
+class SearchCell(nn.Module):
+  edges: EdgeOps
+  layout: CellLayout
+  dw_form: str | None = None
+
+  @nn.compact
+  def __call__(self, s0, s1, weights, train: bool):
+    c = self.layout.channels
+    if self.layout.reduction_prev:
+      s0 = ops.FactorizedReduce(c, name='pre0')(s0, train)
+    else:
+      s0 = ReLUConvBN(c, name='pre0')(s0, train)
+    s1 = ReLUConvBN(c, name='pre1')(s1, train)
+    states = [s0, s1]
+    nodes = [0.0] * NODES
+    for e, (node, j) in enumerate(edge_inputs()):
+      stride = 2 if self.layout.reduction and j < 2 else 1
+      y = MixedOp(self.edges[e], c, stride, self.dw_form, name=f'edge{e}')(states[j], weights[e],
+                                                                            train)
+      nodes[node] = nodes[node] + y
+      if j == node + 1:  # the node's last input: it is complete
+        states.append(nodes[node])
+    return jnp.concatenate(states[2:], axis=-1)
+
+
+class Supernet(nn.Module):
+  """Stem, ``layers`` search cells, global average pool, linear head."""
+  normal: EdgeOps
+  reduce: EdgeOps
+  layers: int = 8
+  channels: int = 16
+  num_classes: int = 10
+  stem_multiplier: int = 3
+  dw_form: str | None = None
+
+  @nn.compact
+  def __call__(self, x, weights: Mapping[str, jax.Array], train: bool):
+    x = nn.Conv(self.stem_multiplier * self.channels, (3, 3), padding=((1, 1), (1, 1)),
+                use_bias=False, name='stem')(x)
+    s0 = s1 = ops.batch_norm(True, name='stem_bn')(x, use_running_average=not train)
+    for i, layout in enumerate(layouts(self.layers, self.channels)):
+      kind = 'reduce' if layout.reduction else 'normal'
+      cell = SearchCell(getattr(self, kind), layout, self.dw_form, name=f'cell{i}')
+      s0, s1 = s1, cell(s0, s1, weights[kind], train)
+    return nn.Dense(self.num_classes, name='head')(jnp.mean(s1, axis=(1, 2)))
+
+  def edge_ops(self) -> dict[str, EdgeOps]:
+    return {'normal': self.normal, 'reduce': self.reduce}
+
+
+def build(space, **kwargs) -> Supernet:
+  """The supernet of a search space (``{'normal': CellSpace, 'reduce': CellSpace}``)."""
+  return Supernet(space['normal'].active_specs(), space['reduce'].active_specs(), **kwargs)
+
+
+# ------------------------------------------------------------------------------ alphas
+
+
+def alpha_masks(edge_ops: Mapping[str, EdgeOps]) -> dict[str, np.ndarray]:
+  """Per cell type a (edges, width) bool mask; width = the most candidates on one edge."""
+  masks = {}
+  for kind in CELL_TYPES:
+    width = max(len(c) for c in edge_ops[kind])
+    masks[kind] = np.array([[j < len(c) for j in range(width)] for c in edge_ops[kind]])
+  return masks
+
+
+def init_alphas(key, masks: Mapping[str, np.ndarray], scale: float = 1e-3) -> dict[str, jax.Array]:
+  """``scale * N(0, 1)`` on real columns, exactly zero on masked ones."""
+  keys = dict(zip(CELL_TYPES, jax.random.split(key, len(CELL_TYPES))))
+  return {k: scale * jax.random.normal(keys[k], m.shape) * m for k, m in masks.items()}
+
+
+def edge_weights(alphas: Mapping[str, jax.Array], masks: Mapping[str, np.ndarray]):
+  """Softmax over each edge's real columns; masked columns get probability and gradient 0."""
+  return {k: jax.nn.softmax(jnp.where(masks[k], a, -jnp.inf), axis=-1, where=masks[k])
+          for k, a in alphas.items()}
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def carry_over(old_vars, new_template):
+  """``new_template`` with every leaf that ``old_vars`` has under the same name and shape
+  replaced by the old value."""
+  old = traverse_util.flatten_dict(old_vars)
+  new = traverse_util.flatten_dict(new_template)
+  return traverse_util.unflatten_dict({
+      k: old[k] if k in old and np.shape(old[k]) == np.shape(v) else v for k, v in new.items()})
+
+
+def _candidate(variables, cell: int, edge: int, spec: Spec):
+  return {col: variables[col][f'cell{cell}'][f'edge{edge}'][str(spec)]
+          for col in ('params', 'batch_stats')}
+
+
+def _set_candidate(variables, cell: int, edge: int, spec: Spec, sub):
+  out = dict(variables)
+  for col in ('params', 'batch_stats'):
+    cells = dict(out[col])
+    edges = dict(cells[f'cell{cell}'])
+    edges[f'edge{edge}'] = {**edges[f'edge{edge}'], str(spec): sub[col]}
+    cells[f'cell{cell}'] = edges
+    out[col] = cells
+  return out
+
+
+def init_from_parents(variables, net: Supernet,
+                      transfers: Mapping[str, Sequence[tuple[int, Spec, Spec]]], key):
+  """Initialises each ``(edge, parent, child)`` of each cell type in every cell of that type
+  from the parent's weights with the morph transfer functions, in the given order."""
+  for i, layout in enumerate(layouts(net.layers, net.channels)):
+    kind = 'reduce' if layout.reduction else 'normal'
+    for edge, parent, child in transfers.get(kind, ()):
+      key, sub = jax.random.split(key)
+      child_vars = morph.transfer(_candidate(variables, i, edge, parent), parent, child,
+                                  layout.channels, sub)
+      variables = _set_candidate(variables, i, edge, child, child_vars)
+  return variables

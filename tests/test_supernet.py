@@ -1,0 +1,186 @@
+"""The supernet, its alphas and masks, carry-over by name, and the jitted search step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from prnas_jax import ops, space, steps, supernet
+from prnas_jax.ops import Conv
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+CFG = steps.StepConfig(epochs=2, steps_per_epoch=3, mean=MEAN, std=STD)
+
+
+def _space():
+  """prdarts4 everywhere except normal edge 0, which lost skip: a masked column there."""
+  sp = space.initial_space('prdarts4')
+  sp['normal'].remaining[0, 2] = False
+  return sp
+
+
+def _net(sp):
+  return supernet.build(sp, layers=3, channels=4)
+
+
+def _batch(seed, n=8):
+  rng = np.random.default_rng(seed)
+  return {'image': jnp.asarray(rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)),
+          'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  sp = _space()
+  net = _net(sp)
+  masks = supernet.alpha_masks(net.edge_ops())
+  alphas = supernet.init_alphas(jax.random.key(0), masks)
+  x = jnp.zeros((2, 16, 16, 3))
+  variables = net.init(jax.random.key(1), x, supernet.edge_weights(alphas, masks), train=False)
+  return sp, net, masks, alphas, variables
+
+
+def test_layout_and_names(tiny):
+  _, net, masks, alphas, variables = tiny
+  assert [l.reduction for l in supernet.layouts(8, 16)] == [0, 0, 1, 0, 0, 1, 0, 0]
+  assert [l.channels for l in supernet.layouts(8, 16)] == [16, 16, 32, 32, 32, 64, 64, 64]
+  assert masks['normal'].shape == (14, 4) and masks['reduce'].shape == (14, 4)
+  assert masks['normal'][0].tolist() == [True, True, True, False]
+  assert masks['reduce'].all()
+  cell0 = variables['params']['cell0']
+  assert set(cell0['edge0']) == {'conv(k=3,d=1,mul=[])'}  # pools and identity skip: no params
+  assert set(variables['batch_stats']['cell0']['edge0']) == {
+      'pool(max,3)', 'pool(avg,3)', 'conv(k=3,d=1,mul=[])'}
+  assert set(variables['params']['cell1']['edge0']) == {'skip', 'conv(k=3,d=1,mul=[])'}
+  assert set(variables['params']['cell1']['edge4']) == {'conv(k=3,d=1,mul=[])'}  # from node 0
+  assert set(variables['params']['cell1']['pre0']) == {'conv'}
+  assert set(variables['params']['cell2']['pre0']) == {'conv1', 'conv2'}  # after a reduction
+  assert variables['params']['head']['kernel'].shape == (4 * 16, 10)
+
+
+def test_masked_columns_get_zero_probability_and_gradient(tiny):
+  _, net, masks, alphas, variables = tiny
+  alphas = {k: a.at[0, 3].set(5.0) for k, a in alphas.items()}  # a masked value never matters
+  w = supernet.edge_weights(alphas, masks)
+  assert w['normal'][0, 3] == 0.0
+  np.testing.assert_allclose(w['normal'].sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(w['normal'][0, :3], 1 / 3, rtol=5e-3)
+
+  batch = _batch(0)
+  x = batch['image'].astype(jnp.float32) / 255
+
+  def loss(alphas, params):
+    logits, _ = net.apply({**variables, 'params': params}, x,
+                          supernet.edge_weights(alphas, masks), train=True,
+                          mutable=['batch_stats'])
+    return steps.cross_entropy(logits, batch['label'])
+
+  g_alpha, g_params = jax.grad(loss, argnums=(0, 1))(alphas, variables['params'])
+  assert g_alpha['normal'][0, 3] == 0.0
+  assert np.all(np.abs(g_alpha['normal'][masks['normal']]) > 0)
+  assert np.all(np.abs(g_alpha['reduce']) > 0)
+  # the alpha pytree holds only alphas and the weight pytree only weights
+  assert jax.tree.structure(g_alpha) == jax.tree.structure(alphas)
+  assert jax.tree.structure(g_params) == jax.tree.structure(variables['params'])
+
+
+@pytest.fixture(scope='module')
+def stepped(tiny):
+  """Runs the jitted step (compiled once) with and without the alpha step."""
+  _, net, masks, alphas, variables = tiny
+  state0 = steps.create_state(variables, alphas, CFG)
+  copy = lambda s: jax.tree.map(jnp.copy, s)
+  weights_only, m1 = steps.search_step(copy(state0), _batch(1), _batch(2), False,
+                                       jax.random.key(3), net=net, cfg=CFG)
+  both, m2 = steps.search_step(copy(state0), _batch(1), _batch(2), True, jax.random.key(3),
+                               net=net, cfg=CFG)
+  return state0, weights_only, both, m1, m2
+
+
+def test_grace_step_leaves_alphas_alone(stepped):
+  state0, weights_only, _, m1, _ = stepped
+  jax.tree.map(np.testing.assert_array_equal, weights_only.alphas, state0.alphas)
+  jax.tree.map(np.testing.assert_array_equal, weights_only.a_opt, state0.a_opt)
+  assert m1['alpha_loss'] == 0.0
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), weights_only.params, state0.params)
+  assert all(jax.tree.leaves(changed))
+
+
+def test_alpha_step_moves_only_real_alpha_columns(stepped, tiny):
+  state0, _, both, _, m2 = stepped
+  masks = tiny[2]
+  for kind in ('normal', 'reduce'):
+    moved = np.asarray(both.alphas[kind] != state0.alphas[kind])
+    assert np.array_equal(moved, masks[kind])
+  assert both.alphas['normal'][0, 3] == 0.0
+  assert np.isfinite(m2['alpha_loss']) and m2['alpha_loss'] > 0
+
+
+def test_weight_step_sees_the_updated_alphas(stepped):
+  _, weights_only, both, m1, m2 = stepped
+  assert m1['loss'] != m2['loss']
+  assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), weights_only.params,
+                                          both.params)))
+
+
+def test_weight_schedule_is_an_epoch_cosine():
+  sched = CFG.weight_schedule()
+  lrs = [float(sched(i)) for i in range(6)]
+  assert lrs[0] == lrs[1] == lrs[2] == pytest.approx(0.025)
+  assert lrs[3] == pytest.approx(0.001 + 0.012 * (1 + np.cos(np.pi / 2)))
+
+
+def test_rebuild_with_a_pruned_candidate_keeps_other_weights(tiny):
+  sp, net, masks, alphas, variables = tiny
+  sp2 = _space()
+  sp2['reduce'].remaining[3, 0] = False  # prune max-pool on reduce edge 3
+  net2 = _net(sp2)
+  masks2 = supernet.alpha_masks(net2.edge_ops())
+  template = net2.init(jax.random.key(7), jnp.zeros((2, 16, 16, 3)),
+                       supernet.edge_weights(supernet.init_alphas(jax.random.key(8), masks2),
+                                             masks2), train=False)
+  carried = supernet.carry_over(variables, template)
+  old, new = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(carried)
+  assert set(old) - set(new) == {('batch_stats', c, 'edge3', 'pool(max,3)', 'bn', k)
+                                 for c in ('cell1', 'cell2') for k in ('mean', 'var')}
+  assert set(new) <= set(old)
+  for k, v in new.items():
+    np.testing.assert_array_equal(v, old[k])  # bit-identical
+    assert v.dtype == old[k].dtype
+
+
+def test_new_candidates_start_fresh_or_from_their_parent(tiny):
+  sp, net, masks, alphas, variables = tiny
+  sp2 = _space()
+  cell = sp2['normal']
+  child = cell.column(Conv(5))
+  cell.discovered[4, child] = True
+  cell.parents[4][child] = 3
+  cell.pending[4].add(child)
+  net2 = _net(sp2)
+  masks2 = supernet.alpha_masks(net2.edge_ops())
+  template = net2.init(jax.random.key(7), jnp.zeros((2, 16, 16, 3)),
+                       supernet.edge_weights(supernet.init_alphas(jax.random.key(8), masks2),
+                                             masks2), train=False)
+  carried = supernet.carry_over(variables, template)
+  name = str(Conv(5))
+  np.testing.assert_array_equal(carried['params']['cell0']['edge4'][name]['unit0']['dw']['kernel'],
+                                template['params']['cell0']['edge4'][name]['unit0']['dw']['kernel'])
+  transfers = {'normal': [(e, cell.candidates[p], cell.candidates[c])
+                          for e, p, c in cell.transfers()]}
+  assert transfers['normal'] == [(4, Conv(3), Conv(5))]
+  inited = supernet.init_from_parents(carried, net2, transfers, jax.random.key(9))
+  for i in (0,):  # cell 0 is the only normal cell of three
+    parent = inited['params'][f'cell{i}']['edge4'][str(Conv(3))]['unit0']['dw']['kernel']
+    grown = inited['params'][f'cell{i}']['edge4'][name]['unit0']['dw']['kernel']
+    np.testing.assert_array_equal(grown[1:-1, 1:-1], parent)
+    assert not np.any(grown[0]) and not np.any(grown[:, -1])
+  # reduce cells are untouched
+  jax.tree.map(np.testing.assert_array_equal, inited['params']['cell1'], carried['params']['cell1'])
+
+
+def test_eval_step(tiny, stepped):
+  _, net, *_ = tiny
+  out = steps.eval_step(stepped[2], _batch(4), net=net, mean=MEAN, std=STD)
+  assert int(out['count']) == 8 and 0 <= int(out['correct']) <= 8
+  assert np.isfinite(out['loss_sum'])
