@@ -10,7 +10,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prnas_jax import files
 from prnas_jax.errors import UserError
 
 DATASETS = ('cifar10', 'cifar100', 'folder')
@@ -282,18 +282,11 @@ def _read_cache(dirs, name):
 def _write_cache(dirs, name, split: Split, stale_prefix):
   """Writes to the first writable dir in ``dirs``; drops that dir's older files of the split."""
   for d in dirs:
-    tmp = None
     try:
-      d.mkdir(parents=True, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=d)
-      with os.fdopen(fd, 'wb') as f:
+      with files.atomic_open(d / name, 'wb') as f:
         np.savez(f, images=split.images, labels=split.labels,
                  num_classes=np.int64(split.num_classes))
-      os.chmod(tmp, 0o644)
-      os.replace(tmp, d / name)
     except OSError:
-      if tmp is not None and os.path.exists(tmp):
-        os.unlink(tmp)
       continue
     for old in d.glob(f'{stale_prefix}*.npz'):
       if old.name != name:

@@ -12,16 +12,14 @@ A cell lists two ``(candidate, input)`` entries per node, in node order; input 0
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Any, Iterable, Mapping
 
-from prnas_jax import ops
+from prnas_jax import files, ops
 from prnas_jax.errors import UserError
 from prnas_jax.ops import Conv, FacConv, Pool, Skip, Spec, Zero
 
@@ -226,22 +224,9 @@ def dumps(genotype: Genotype) -> str:
 
 
 def save(genotype: Genotype, path: str | os.PathLike) -> None:
-  """Writes ``genotype`` as JSON, atomically (a temporary file in the same folder, then rename)."""
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(dumps(genotype))
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
+  """Writes ``genotype`` as JSON, atomically."""
+  with files.atomic_open(path) as f:
+    f.write(dumps(genotype))
 
 
 def load(name_or_path: str | os.PathLike) -> Genotype:

@@ -101,6 +101,8 @@ class CellSpace:
     morphs (each after ``tries`` tries).
     """
     parents = list(probs)
+    if not parents:
+      return [], new
     p = np.asarray([probs[c] for c in parents], np.float64)
     p = p / p.sum()
     made, failed = [], 0

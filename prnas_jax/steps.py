@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from prnas_jax import data, supernet
@@ -55,6 +57,7 @@ class StepConfig:
   alpha_clip: float = 5.0
   crop_pad: int = 4
   cutout: int = 0
+  skip_dropout: bool = False  # build the P-DARTS skip dropout (its rate is a step argument)
 
   def weight_schedule(self) -> optax.Schedule:
     return epoch_cosine(self.lr, self.lr_min, self.epochs, self.steps_per_epoch)
@@ -85,16 +88,18 @@ def _masks(net):
   return {k: jnp.asarray(m) for k, m in supernet.alpha_masks(net.edge_ops()).items()}
 
 
-def _forward(net, params, stats, alphas, images):
+def _forward(net, cfg, params, stats, alphas, images, skip_drop, key):
   logits, new = net.apply({'params': params, 'batch_stats': stats}, images,
                           supernet.edge_weights(alphas, _masks(net)), train=True,
-                          mutable=['batch_stats'])
+                          skip_drop=skip_drop if cfg.skip_dropout else None,
+                          mutable=['batch_stats'], rngs={'dropout': key})
   return logits, new['batch_stats']
 
 
-def _alpha_step(net, cfg, state, images, labels):
+def _alpha_step(net, cfg, state, images, labels, skip_drop, key):
   def loss_fn(alphas):
-    logits, stats = _forward(net, state.params, state.batch_stats, alphas, images)
+    logits, stats = _forward(net, cfg, state.params, state.batch_stats, alphas, images,
+                             skip_drop, key)
     return cross_entropy(logits, labels), stats
   (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.alphas)
   grads = jax.tree.map(lambda g, m: g * m, grads, _masks(net))
@@ -104,23 +109,26 @@ def _alpha_step(net, cfg, state, images, labels):
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'cfg'), donate_argnames='state')
-def search_step(state: SearchState, weight_batch, alpha_batch, train_alpha, key, *,
+def search_step(state: SearchState, weight_batch, alpha_batch, train_alpha, skip_drop, key, *,
                 net: supernet.Supernet, cfg: StepConfig):
   """One search step: the alpha step on ``alpha_batch`` when ``train_alpha`` (else skipped
   inside the same program: the grace epochs), then the weight step on ``weight_batch`` with the
-  updated alphas. Batches are ``{'image': uint8 NHWC, 'label': int}``; ``state`` is donated."""
-  key_w, key_a = jax.random.split(key)
+  updated alphas. Batches are ``{'image': uint8 NHWC, 'label': int}``; ``skip_drop`` is the
+  skip-dropout rate (used if ``cfg.skip_dropout``); ``state`` is donated."""
+  key_w, key_a, drop_w, drop_a = jax.random.split(key, 4)
   aug = functools.partial(data.augment, mean=cfg.mean, std=cfg.std, crop_pad=cfg.crop_pad,
                           cutout=cfg.cutout)
   xa = aug(key_a, alpha_batch['image'])
   state, alpha_loss = jax.lax.cond(
-      train_alpha, lambda s: _alpha_step(net, cfg, s, xa, alpha_batch['label']),
+      train_alpha,
+      lambda s: _alpha_step(net, cfg, s, xa, alpha_batch['label'], skip_drop, drop_a),
       lambda s: (s, jnp.zeros((), jnp.float32)), state)
 
   xw, labels = aug(key_w, weight_batch['image']), weight_batch['label']
 
   def loss_fn(params):
-    logits, stats = _forward(net, params, state.batch_stats, state.alphas, xw)
+    logits, stats = _forward(net, cfg, params, state.batch_stats, state.alphas, xw, skip_drop,
+                             drop_w)
     return cross_entropy(logits, labels), (stats, logits)
   (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, w_opt = cfg.weight_tx().update(grads, state.w_opt, state.params)
@@ -129,6 +137,23 @@ def search_step(state: SearchState, weight_batch, alpha_batch, train_alpha, key,
   metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
              'alpha_loss': alpha_loss}
   return state, metrics
+
+
+_COMPILED = {}
+
+
+def compiled_search_step(state, weight_batch, alpha_batch, *, net, cfg):
+  """The search step compiled ahead of time for these shapes, and the seconds it took (0 when
+  an earlier stage or run in this process compiled the same program)."""
+  key = (net, cfg, jax.tree.structure(state),
+         tuple((x.shape, x.dtype) for x in jax.tree.leaves((state, weight_batch, alpha_batch))))
+  if key in _COMPILED:
+    return _COMPILED[key], 0.0
+  t0 = time.perf_counter()
+  compiled = search_step.lower(state, weight_batch, alpha_batch, np.bool_(True), np.float32(0),
+                               jax.random.key(0), net=net, cfg=cfg).compile()
+  _COMPILED[key] = compiled
+  return compiled, time.perf_counter() - t0
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'mean', 'std'))

@@ -68,17 +68,25 @@ def search_op(spec: Spec, channels: int, stride: int, dw_form: str | None) -> nn
 
 
 class MixedOp(nn.Module):
-  """Sum of the edge's candidates weighted by their softmax(alpha) column."""
+  """Sum of the edge's candidates weighted by their softmax(alpha) column.
+
+  ``skip_drop`` (a traced rate, or None for none) drops the identity skip element-wise, as
+  P-DARTS does (rng stream ``'dropout'``).
+  """
   candidates: tuple[Spec, ...]
   channels: int
   stride: int
   dw_form: str | None = None
 
   @nn.compact
-  def __call__(self, x, weights, train: bool):
+  def __call__(self, x, weights, train: bool, skip_drop=None):
     out = 0.0
     for j, spec in enumerate(self.candidates):
-      out = out + weights[j] * search_op(spec, self.channels, self.stride, self.dw_form)(x, train)
+      y = search_op(spec, self.channels, self.stride, self.dw_form)(x, train)
+      if skip_drop is not None and train and isinstance(spec, ops.Skip) and self.stride == 1:
+        keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - skip_drop, y.shape)
+        y = jnp.where(keep, y / jnp.maximum(1.0 - skip_drop, 1e-6), 0.0)
+      out = out + weights[j] * y
     return out
 
 
@@ -88,7 +96,7 @@ class SearchCell(nn.Module):
   dw_form: str | None = None
 
   @nn.compact
-  def __call__(self, s0, s1, weights, train: bool):
+  def __call__(self, s0, s1, weights, train: bool, skip_drop=None):
     c = self.layout.channels
     if self.layout.reduction_prev:
       s0 = ops.FactorizedReduce(c, name='pre0')(s0, train)
@@ -99,8 +107,8 @@ class SearchCell(nn.Module):
     nodes = [0.0] * NODES
     for e, (node, j) in enumerate(edge_inputs()):
       stride = 2 if self.layout.reduction and j < 2 else 1
-      y = MixedOp(self.edges[e], c, stride, self.dw_form, name=f'edge{e}')(states[j], weights[e],
-                                                                            train)
+      y = MixedOp(self.edges[e], c, stride, self.dw_form, name=f'edge{e}')(
+          states[j], weights[e], train, skip_drop)
       nodes[node] = nodes[node] + y
       if j == node + 1:  # the node's last input: it is complete
         states.append(nodes[node])
@@ -118,14 +126,14 @@ class Supernet(nn.Module):
   dw_form: str | None = None
 
   @nn.compact
-  def __call__(self, x, weights: Mapping[str, jax.Array], train: bool):
+  def __call__(self, x, weights: Mapping[str, jax.Array], train: bool, skip_drop=None):
     x = nn.Conv(self.stem_multiplier * self.channels, (3, 3), padding=((1, 1), (1, 1)),
                 use_bias=False, name='stem')(x)
     s0 = s1 = ops.batch_norm(True, name='stem_bn')(x, use_running_average=not train)
     for i, layout in enumerate(layouts(self.layers, self.channels)):
       kind = 'reduce' if layout.reduction else 'normal'
       cell = SearchCell(getattr(self, kind), layout, self.dw_form, name=f'cell{i}')
-      s0, s1 = s1, cell(s0, s1, weights[kind], train)
+      s0, s1 = s1, cell(s0, s1, weights[kind], train, skip_drop)
     return nn.Dense(self.num_classes, name='head')(jnp.mean(s1, axis=(1, 2)))
 
   def edge_ops(self) -> dict[str, EdgeOps]:
@@ -199,5 +207,6 @@ def init_from_parents(variables, net: Supernet,
       key, sub = jax.random.split(key)
       child_vars = morph.transfer(_candidate(variables, i, edge, parent), parent, child,
                                   layout.channels, sub)
-      variables = _set_candidate(variables, i, edge, child, child_vars)
+      # own buffers: the transfers may pass parent arrays through, and state buffers are donated
+      variables = _set_candidate(variables, i, edge, child, jax.tree.map(jnp.copy, child_vars))
   return variables

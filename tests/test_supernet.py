@@ -90,9 +90,9 @@ def stepped(tiny):
   _, net, masks, alphas, variables = tiny
   state0 = steps.create_state(variables, alphas, CFG)
   copy = lambda s: jax.tree.map(jnp.copy, s)
-  weights_only, m1 = steps.search_step(copy(state0), _batch(1), _batch(2), False,
+  weights_only, m1 = steps.search_step(copy(state0), _batch(1), _batch(2), False, 0.0,
                                        jax.random.key(3), net=net, cfg=CFG)
-  both, m2 = steps.search_step(copy(state0), _batch(1), _batch(2), True, jax.random.key(3),
+  both, m2 = steps.search_step(copy(state0), _batch(1), _batch(2), True, 0.0, jax.random.key(3),
                                net=net, cfg=CFG)
   return state0, weights_only, both, m1, m2
 

@@ -1,0 +1,112 @@
+"""Search configuration: defaults (the paper's PR-DARTS setting) and validation.
+
+Config files in ``configs/`` start from ``search_config()`` and override fields; every list in
+``config.search.stages`` has one entry per stage.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from prnas_jax import morph, ops
+from prnas_jax.errors import UserError
+
+STAGE_KEYS = ('epochs', 'grace_epochs', 'keep', 'new', 'add_layers', 'add_width', 'skip_dropout')
+
+# Reference §5.1: the 9-stage schedule of the DL1, DL2, DR and UR searches.
+PAPER_STAGES = dict(
+    epochs=[15, 15, 10, 10, 10, 10, 10, 10, 10],
+    grace_epochs=[5, 5, 3, 3, 3, 3, 3, 3, 3],
+    keep=[6, 6, 6, 6, 6, 4, 3, 2, 1],
+    new=[3, 3, 3, 3, 3, 0, 0, 0, 0],
+    add_layers=[0] * 9,
+    add_width=[0] * 9,
+    skip_dropout=[0.0] * 9,
+)
+
+
+def data_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      dataset='cifar10',  # cifar10 | cifar100 | folder
+      folder='',  # ROOT of ROOT/<split>/<class>/*.jpg|png when dataset='folder'
+      tfds_data_dir='',  # '' = the tfds default
+      train_portion=0.5,  # first part trains the weights, the rest the alphas
+      max_train=0,  # use a class-balanced subset of this many training images (0 = all)
+  ))
+
+
+def search_config() -> ml_collections.ConfigDict:
+  """The PR-DARTS search on CIFAR-10 with the darts_like preset (DL1/DL2)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = data_config()
+  c.search = ml_collections.ConfigDict(dict(
+      start='prdarts4',  # prdarts4 | prdarts5 | darts
+      preset='darts_like',  # darts_like | r_depth | unrestricted
+      layers=8,
+      init_channels=16,
+      batch_size=128,
+      stages=ml_collections.ConfigDict(PAPER_STAGES),
+      lr=0.025,
+      lr_min=0.01,
+      momentum=0.9,
+      weight_decay=3e-4,
+      clip=5.0,
+      alpha_lr=6e-4,
+      alpha_b1=0.5,
+      alpha_b2=0.999,
+      alpha_weight_decay=1e-3,
+      alpha_clip=5.0,
+      cutout=0,
+      valid_epochs=5,  # evaluate on the alpha split in the last N epochs of each stage
+      morph_tries=250,
+      revive_after=200,
+      keep_morphable=True,  # pruning spares each edge's best morphable candidate (not last stage)
+      reinit_morphed_every_stage=False,  # True: the reference's every-stage re-initialisation
+      drop_zero_last=False,  # the reference's --restrict_zero in the last stage
+      max_skip_normal=-1,  # P-DARTS skip-connect limit on the final normal cell (-1 = off)
+      dw_form='',  # depthwise convolution form: '' = per backend, grouped | dense
+  ))
+  c.log_every = 50  # steps between progress lines
+  return c
+
+
+def validate(config) -> None:
+  """Raises a one-line UserError for the first problem in ``config``."""
+  s = config.search
+  ops.start_set(s.start)
+  morph.get_preset(s.preset)
+  stages = s.stages
+  lengths = {k: len(stages[k]) for k in STAGE_KEYS}
+  if len(set(lengths.values())) != 1:
+    raise UserError(f'search.stages lists differ in length ({lengths}): give every list one '
+                    'entry per stage')
+  n = lengths['epochs']
+  if n == 0:
+    raise UserError('search.stages has no stage: give at least one entry per list')
+  for key in STAGE_KEYS:
+    for i, v in enumerate(stages[key]):
+      if v < 0:
+        raise UserError(f'search.stages.{key}[{i}] = {v} is negative: use a value >= 0')
+  for i in range(n):
+    if stages.keep[i] < 1:
+      raise UserError(f'search.stages.keep[{i}] = 0: keep at least 1 candidate per edge')
+    if stages.keep[i] < stages.new[i]:
+      raise UserError(f'search.stages.keep[{i}] = {stages.keep[i]} is less than '
+                      f'search.stages.new[{i}] = {stages.new[i]}: keep counts the new candidates '
+                      'too, so use keep >= new')
+    if stages.grace_epochs[i] > stages.epochs[i]:
+      raise UserError(f'search.stages.grace_epochs[{i}] exceeds epochs[{i}]: use at most '
+                      f'{stages.epochs[i]}')
+    if stages.skip_dropout[i] >= 1:
+      raise UserError(f'search.stages.skip_dropout[{i}] = {stages.skip_dropout[i]}: use a rate '
+                      'in [0, 1)')
+  if stages.new[-1]:
+    raise UserError('search.stages.new[-1] must be 0: the last stage derives the genotype')
+  if s.batch_size < 1 or s.layers < 3 or s.init_channels < 2 or s.init_channels % 2:
+    raise UserError('search.batch_size must be >= 1, search.layers >= 3 and '
+                    'search.init_channels an even number >= 2')
+  if not 0 < config.data.train_portion < 1:
+    raise UserError(f'data.train_portion = {config.data.train_portion}: use a value in (0, 1)')
+  if config.data.dataset == 'folder' and not config.data.folder:
+    raise UserError("data.dataset is 'folder' but data.folder is empty: pass "
+                    '--config.data.folder=PATH')

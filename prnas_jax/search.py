@@ -1,0 +1,289 @@
+"""``python -m prnas_jax.search --config configs/dl2.py --workdir runs/dl2``: the prune-and-replace
+stage loop (reference §5).
+
+Each stage builds the supernet of the current candidate pools, takes over the previous stage's
+weights by name, initialises new candidates from their parents, trains with fresh alphas and
+optimizers, then prunes every edge by softmax(alpha) and morphs survivors into new candidates.
+The last stage derives the genotype. Everything a run writes lands in its workdir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from prnas_jax import data, genotype, metrics, morph, space, steps, supernet
+from prnas_jax.config import STAGE_KEYS, validate
+from prnas_jax.errors import UserError
+from prnas_jax.files import write_json
+from prnas_jax.metrics import log
+
+CONCAT = (2, 3, 4, 5)
+
+
+@dataclasses.dataclass
+class Splits:
+  """The weight and alpha halves of the training split, on device."""
+  weights: dict
+  alphas: dict
+  num_classes: int
+  mean: tuple
+  std: tuple
+
+  @property
+  def image_shape(self):
+    return self.weights['image'].shape[1:]
+
+
+def load_data(config) -> Splits:
+  train = data.load_split(config.data, 'train')
+  if config.data.max_train:
+    train = data.subset(train, config.data.max_train, config.seed)
+  mean, std = data.mean_std(config.data, train)
+  halves = data.split_portion(train, config.data.train_portion)
+  for name, half in zip(('weight', 'alpha'), halves):
+    if len(half.labels) < config.search.batch_size:
+      raise UserError(f'search.batch_size {config.search.batch_size} is larger than the {name} '
+                      f'split ({len(half.labels)} images): lower it or use more data')
+  put = lambda s: {'image': jax.device_put(s.images), 'label': jax.device_put(s.labels)}
+  return Splits(put(halves[0]), put(halves[1]), train.num_classes,
+                tuple(map(float, mean)), tuple(map(float, std)))
+
+
+def stage_probs(sp, state, net) -> dict[str, list[dict[int, float]]]:
+  """Per cell type and edge: ``{column: softmax weight}`` of the active candidates."""
+  w = jax.device_get(supernet.edge_weights(state.alphas, supernet.alpha_masks(net.edge_ops())))
+  return {kind: [dict(zip(cell.active(e), map(float, w[kind][e]))) for e in range(cell.num_edges)]
+          for kind, cell in sp.items()}
+
+
+def derive(sp, probs, max_skip_normal: int) -> genotype.Genotype:
+  cells = {}
+  for kind, cell in sp.items():
+    weights = [{cell.candidates[c]: p for c, p in edge.items()} for edge in probs[kind]]
+    limit = max_skip_normal if kind == 'normal' and max_skip_normal >= 0 else None
+    cells[kind] = genotype.derive(weights, max_skip=limit)
+  return genotype.Genotype(cells['normal'], CONCAT, cells['reduce'], CONCAT)
+
+
+def prune_and_replace(sp, probs, config, stage: int, rng: np.random.Generator) -> dict:
+  """Prunes every edge of both cell types, then morphs survivors; returns what happened."""
+  s, st = config.search, config.search.stages
+  last = stage == len(st.epochs) - 1
+  preset = morph.get_preset(s.preset)
+  events = {}
+  for kind, cell in sp.items():
+    pruned, created, failed = [], [], 0
+    for e in range(cell.num_edges):
+      cols = cell.active(e)
+      dropped = cell.prune(e, [probs[kind][e][c] for c in cols], st.keep[stage], st.new[stage],
+                           keep_morphable=s.keep_morphable and not last,
+                           drop_zero=last and s.drop_zero_last)
+      pruned.append([str(cell.candidates[c]) for c in dropped])
+      survivors = {c: probs[kind][e][c] for c in cell.active(e)}
+      made, fails = cell.replace(e, survivors, st.new[stage], preset, rng, s.morph_tries,
+                                 s.revive_after)
+      failed += fails
+      created += [{'edge': e, 'child': str(cell.candidates[c]), 'parent': str(cell.candidates[p]),
+                   'parent_prob': prob} for c, p, prob in made]
+    events[kind] = {'pruned': pruned, 'created': created, 'failed_morphs': failed}
+  return events
+
+
+class Search:
+  """The stage loop of one search run."""
+
+  def __init__(self, config, workdir: Path):
+    self.config, self.workdir = config, workdir
+    self.splits = load_data(config)
+    self.writer = metrics.Writer(workdir)
+    self.space = space.initial_space(config.search.start)
+    self.key = jax.random.key(config.seed)
+    self.morph_rng = np.random.default_rng([config.seed, 0])
+    self.batch_rng = np.random.default_rng([config.seed, 1])
+    self.steps_per_epoch = min(len(self.splits.weights['label']),
+                               len(self.splits.alphas['label'])) // config.search.batch_size
+    self.epoch = 0  # global epoch counter (TensorBoard x axis)
+    self.progress = metrics.Progress(
+        sum(config.search.stages.epochs) * self.steps_per_epoch, config.log_every)
+
+  def run(self) -> genotype.Genotype:
+    stages = self.config.search.stages
+    previous = None
+    for i in range(len(stages.epochs)):
+      net, variables = self.build_stage(i, previous)
+      state, probs = self.train_stage(i, net, variables)
+      previous = (net, {'params': state.params, 'batch_stats': state.batch_stats})
+      record = {'stage': i, 'layers': net.layers, 'channels': net.channels,
+                'probs': {kind: [{str(self.space[kind].candidates[c]): p for c, p in e.items()}
+                                 for e in probs[kind]] for kind in self.space}}
+      if i == len(stages.epochs) - 1:
+        geno = derive(self.space, probs, self.config.search.max_skip_normal)
+      record['events'] = prune_and_replace(self.space, probs, self.config, i, self.morph_rng)
+      record['space'] = {kind: cell.to_json() for kind, cell in self.space.items()}
+      write_json(self.workdir / 'stages' / f'stage{i}.json', record)
+      self.log_events(i, record['events'])
+    self.log_space(len(stages.epochs))
+    genotype.save(geno, self.workdir / 'genotype.json')
+    if (darts := geno.to_darts()) is not None:
+      write_json(self.workdir / 'genotype_darts.json', darts)
+    log.info(f'genotype: {genotype.dumps(geno)}')
+    self.writer.close()
+    return geno
+
+  def build_stage(self, i: int, previous):
+    """The stage's supernet and its variables: carried over by name when depth and width are
+    unchanged (new candidates initialised from their parents), else fresh."""
+    s, st = self.config.search, self.config.search.stages
+    net = supernet.build(self.space, layers=s.layers + st.add_layers[i],
+                         channels=s.init_channels + st.add_width[i],
+                         num_classes=self.splits.num_classes, dw_form=s.dw_form or None)
+    masks = supernet.alpha_masks(net.edge_ops())
+    self.key, k_init, k_alpha, k_morph = jax.random.split(self.key, 4)
+    variables = net.init(k_init, jnp.zeros((1, *self.splits.image_shape), jnp.float32),
+                         supernet.edge_weights(supernet.init_alphas(k_alpha, masks), masks),
+                         train=False)
+    if previous is not None and (previous[0].layers, previous[0].channels) == (net.layers,
+                                                                               net.channels):
+      variables = supernet.carry_over(previous[1], variables)
+      transfers = {kind: [(e, cell.candidates[p], cell.candidates[c])
+                          for e, p, c in cell.transfers(s.reinit_morphed_every_stage)]
+                   for kind, cell in self.space.items()}
+      variables = supernet.init_from_parents(variables, net, transfers, k_morph)
+    for cell in self.space.values():
+      cell.clear_pending()
+    self.log_space(i)
+    self.writer.scalars(i, {f'stage/{k}': st[k][i] for k in STAGE_KEYS} |
+                        {'stage/layers': net.layers, 'stage/channels': net.channels})
+    return net, variables
+
+  def train_stage(self, i: int, net, variables):
+    s, st = self.config.search, self.config.search.stages
+    epochs, grace, p_drop = st.epochs[i], st.grace_epochs[i], st.skip_dropout[i]
+    cfg = steps.StepConfig(
+        epochs=epochs, steps_per_epoch=self.steps_per_epoch, mean=self.splits.mean,
+        std=self.splits.std, lr=s.lr, lr_min=s.lr_min, momentum=s.momentum,
+        weight_decay=s.weight_decay, clip=s.clip, alpha_lr=s.alpha_lr, alpha_b1=s.alpha_b1,
+        alpha_b2=s.alpha_b2, alpha_weight_decay=s.alpha_weight_decay, alpha_clip=s.alpha_clip,
+        cutout=s.cutout, skip_dropout=p_drop > 0)
+    masks = supernet.alpha_masks(net.edge_ops())
+    self.key, k_alpha = jax.random.split(self.key)
+    state = steps.create_state(variables, supernet.init_alphas(k_alpha, masks), cfg)
+    widths = {k: [len(c) for c in net.edge_ops()[k]] for k in self.space}
+    log.info(f'stage {i}: {net.layers} cells, C={net.channels}, candidates per edge '
+             f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling')
+
+    batch = lambda split, idx: {'image': split['image'][idx], 'label': split['label'][idx]}
+    idx = jnp.arange(s.batch_size)
+    step, compile_s = steps.compiled_search_step(state, batch(self.splits.weights, idx),
+                                                 batch(self.splits.alphas, idx), net=net, cfg=cfg)
+    log.info(f'stage {i}: compiled in {compile_s:.1f} s')
+
+    train_s = 0.0
+    schedule = cfg.weight_schedule()
+    for e in range(epochs):
+      drop = p_drop * ((epochs - e - 1) / epochs if e < grace else np.exp(-0.2 * (e - grace)))
+      w_idx = data.epoch_batches(self.batch_rng, len(self.splits.weights['label']),
+                                 s.batch_size)[:self.steps_per_epoch]
+      a_idx = data.epoch_batches(self.batch_rng, len(self.splits.alphas['label']),
+                                 s.batch_size)[:self.steps_per_epoch]
+      t0 = time.perf_counter()
+      sums = {'loss': 0.0, 'accuracy': 0.0}
+      for n in range(self.steps_per_epoch):
+        self.key, k = jax.random.split(self.key)
+        state, m = step(state, batch(self.splits.weights, w_idx[n]),
+                        batch(self.splits.alphas, a_idx[n]), np.bool_(e >= grace),
+                        np.float32(drop), k)
+        sums = {name: sums[name] + m[name] for name in sums}
+        self.progress.update(f'stage {i} epoch {e + 1}/{epochs}', n + 1, self.steps_per_epoch,
+                             s.batch_size, lambda: {'loss': float(sums['loss']) / (n + 1)})
+      train = {name: float(v) / self.steps_per_epoch for name, v in sums.items()}
+      seconds = time.perf_counter() - t0
+      train_s += seconds
+      if not np.isfinite(train['loss']):
+        raise UserError(f'the training loss became {train["loss"]} in stage {i}, epoch {e}: '
+                        'lower search.lr or search.alpha_lr, or check the data')
+      scalars = {'train/loss': train['loss'], 'train/accuracy': train['accuracy'],
+                 'epoch/lr': float(schedule((e + 1) * self.steps_per_epoch - 1)),
+                 'epoch/seconds': seconds, 'epoch/skip_dropout': drop,
+                 'epoch/batch_size': s.batch_size,
+                 'epoch/images_per_s': self.steps_per_epoch * s.batch_size / seconds}
+      line = f'stage {i} epoch {e + 1}/{epochs}: train loss {train["loss"]:.4f} acc ' \
+             f'{train["accuracy"]:.4f}'
+      if epochs - e <= s.valid_epochs:
+        valid = self.evaluate(state, net)
+        scalars |= {'valid/loss': valid['loss'], 'valid/accuracy': valid['accuracy']}
+        line += f', valid loss {valid["loss"]:.4f} acc {valid["accuracy"]:.4f}'
+      log.info(f'{line} ({seconds:.1f} s)')
+      self.writer.scalars(self.epoch, scalars)
+      self.epoch += 1
+    images_per_s = epochs * self.steps_per_epoch * s.batch_size / max(train_s, 1e-9)
+    self.writer.scalars(i, {'stage/compile_s': compile_s, 'stage/images_per_s': images_per_s})
+    log.info(f'stage {i}: {images_per_s:.1f} img/s, compile {compile_s:.1f} s')
+    return state, stage_probs(self.space, state, net)
+
+  def evaluate(self, state, net) -> dict:
+    """Eval-mode loss and accuracy on the alpha split (whole batches)."""
+    split, bs = self.splits.alphas, self.config.search.batch_size
+    total = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
+    for start in range(0, len(split['label']) - bs + 1, bs):
+      out = steps.eval_step(state, {k: v[start:start + bs] for k, v in split.items()}, net=net,
+                            mean=self.splits.mean, std=self.splits.std)
+      total = {k: total[k] + out[k] for k in total}
+    count = int(total['count'])
+    return {'loss': float(total['loss_sum']) / count, 'accuracy': int(total['correct']) / count}
+
+  def log_space(self, step: int) -> None:
+    for kind, cell in self.space.items():
+      self.writer.scalars(step, metrics.space_stats(f'switches_{kind}', cell))
+
+  def log_events(self, i: int, events: dict) -> None:
+    for kind, ev in events.items():
+      probs = {}
+      for c in ev['created']:
+        probs.setdefault(c['edge'], []).append(c['parent_prob'])
+      scalars = {f'switches_{kind}_morph_prob/p{e}': np.mean(p) for e, p in probs.items()}
+      if probs:
+        scalars[f'switches_{kind}_morph_prob/avg'] = np.mean([c['parent_prob']
+                                                              for c in ev['created']])
+      scalars[f'switches_{kind}/failed_morphs'] = ev['failed_morphs']
+      self.writer.scalars(i, scalars)
+      log.info(f'stage {i} {kind}: pruned {sum(map(len, ev["pruned"]))}, created '
+               f'{len(ev["created"])}, failed morphs {ev["failed_morphs"]}')
+
+
+def run(config, workdir) -> genotype.Genotype:
+  """Validates ``config`` and runs the search into ``workdir``."""
+  validate(config)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  metrics.setup_logging(workdir)
+  write_json(workdir / 'config.json', config.to_dict())
+  log.info(f'search into {workdir} on {jax.default_backend()}:\n{config}')
+  return Search(config, workdir).run()
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Search config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for all outputs of the run.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value:
+    sys.exit('error: --workdir is required: pass --workdir DIR')
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,216 @@
+"""The stage loop: config validation, pruning/morphing across a stage, derivation, and a tiny
+search end to end on the real CIFAR-10 copy (twice, for determinism)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ml_collections import config_flags
+
+from prnas_jax import config as config_lib
+from prnas_jax import genotype, metrics, ops, search, space
+from prnas_jax.errors import UserError
+from prnas_jax.ops import Conv, Pool, Skip
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
+
+
+def _load(name):
+  return config_flags._ConfigFileParser('config').parse(str(ROOT / 'configs' / f'{name}.py'))
+
+
+@pytest.mark.parametrize('name', ['dl1', 'dl2', 'dr', 'ur', 'darts', 'pdarts', 'tiny'])
+def test_configs_are_valid(name):
+  config = _load(name)
+  config_lib.validate(config)
+  assert len(config.search.stages.epochs) == {'darts': 1, 'pdarts': 3, 'tiny': 3}.get(name, 9)
+
+
+def test_paper_configs():
+  dl1, dl2, dr, ur = (_load(n) for n in ('dl1', 'dl2', 'dr', 'ur'))
+  assert dl1.seed != dl2.seed
+  assert [c.search.preset for c in (dl1, dr, ur)] == ['darts_like', 'r_depth', 'unrestricted']
+  st = dl2.search.stages
+  assert sum(st.epochs) == 100 and sum(st.grace_epochs) == 31
+  assert list(st.keep) == [6, 6, 6, 6, 6, 4, 3, 2, 1] and list(st.new) == [3] * 5 + [0] * 4
+  assert dl2.search.batch_size == 128 and dl2.search.start == 'prdarts4'
+  pd = _load('pdarts')
+  assert [pd.search.layers + a for a in pd.search.stages.add_layers] == [5, 11, 17]
+  assert list(pd.search.stages.keep) == [5, 3, 1] and pd.search.max_skip_normal == 2
+
+
+def _bad(mutate):
+  config = _load('tiny')
+  with config.unlocked():
+    mutate(config)
+  with pytest.raises(UserError) as info:
+    config_lib.validate(config)
+  assert '\n' not in str(info.value)
+  return str(info.value)
+
+
+def test_validation_names_the_key_and_the_fix():
+  assert 'search.stages lists differ in length' in _bad(
+      lambda c: setattr(c.search.stages, 'keep', [4, 1]))
+  assert 'keep[0] = 1 is less than search.stages.new[0] = 2' in _bad(
+      lambda c: setattr(c.search.stages, 'keep', [1, 3, 1]))
+  assert 'search.stages.epochs[1] = -2 is negative' in _bad(
+      lambda c: setattr(c.search.stages, 'epochs', [2, -2, 2]))
+  assert "unknown start set 'prdarts6'" in _bad(lambda c: setattr(c.search, 'start', 'prdarts6'))
+  assert "unknown morph preset 'dartslike'" in _bad(
+      lambda c: setattr(c.search, 'preset', 'dartslike'))
+  assert 'new[-1] must be 0' in _bad(lambda c: setattr(c.search.stages, 'new', [2, 1, 1]))
+  assert '--config.data.folder=PATH' in _bad(lambda c: setattr(c.data, 'dataset', 'folder'))
+
+
+def test_misspelled_override_is_an_error():
+  cmd = [sys.executable, '-m', 'prnas_jax.search', '--config', 'configs/tiny.py',
+         '--workdir', '/nonexistent', '--config.search.lyers=3']
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and 'lyers' in out.stderr
+
+
+def _probs(sp, values):
+  """Hand-made end-of-stage probabilities: ``values[col]`` on every edge, renormalised."""
+  out = {}
+  for kind, cell in sp.items():
+    out[kind] = []
+    for e in range(cell.num_edges):
+      cols = cell.active(e)
+      p = np.array([values[c] for c in cols], float)
+      out[kind].append(dict(zip(cols, p / p.sum())))
+  return out
+
+
+def test_prune_and_replace_a_stage():
+  config = _load('tiny')
+  sp = space.initial_space('prdarts4')
+  probs = _probs(sp, [0.4, 0.1, 0.3, 0.2])  # max-pool, avg-pool, skip, conv
+  events = search.prune_and_replace(sp, probs, config, 0, np.random.default_rng(0))
+  for kind, cell in sp.items():
+    ev = events[kind]
+    assert ev['failed_morphs'] == 0
+    assert ev['pruned'] == [['pool(avg,3)', 'skip']] * 14  # keep 4 - new 2: max-pool and conv stay
+    assert len(ev['created']) == 28
+    assert all(c['parent'] == 'conv(k=3,d=1,mul=[])' for c in ev['created'])
+    assert all(c['parent_prob'] == pytest.approx(0.2 / 0.6) for c in ev['created'])
+    for e in range(14):
+      specs = [cell.candidates[c] for c in cell.active(e)]
+      assert specs[:2] == [Pool('max', 3), Conv(3)] and len(specs) == 4
+      assert set(specs[2:]) <= {Conv(5), Conv(3, 2), Conv(3, 1, (1,))}
+      assert set(cell.pending[e]) == set(cell.active(e)[2:])
+  # the last stage keeps exactly the most probable candidate, morphable or not
+  last = search.prune_and_replace(sp, _probs(sp, [0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]),
+                                  config, 2, np.random.default_rng(0))
+  assert all(sp['normal'].active(e) == [0] for e in range(14))
+  assert last['normal']['created'] == []
+
+
+def test_derive_on_hand_made_probabilities():
+  sp = space.initial_space('prdarts4')
+  probs = {kind: [] for kind in sp}
+  # node i: the edge from input i+1 is strongest (conv), then input 0 (skip), others flat
+  for kind in sp:
+    for node, j in space.edge_inputs():
+      if j == node + 1:
+        p = [0.1, 0.1, 0.1, 0.7]
+      elif j == 0:
+        p = [0.1, 0.1, 0.6, 0.2]
+      else:
+        p = [0.25, 0.25, 0.25, 0.25]
+      probs[kind].append(dict(enumerate(p)))
+  geno = search.derive(sp, probs, max_skip_normal=-1)
+  expected = tuple(e for i in range(4) for e in ((Skip(), 0), (Conv(3), i + 1)))
+  assert geno.normal == expected and geno.reduce == expected
+  assert geno.normal_concat == (2, 3, 4, 5)
+  limited = search.derive(sp, probs, max_skip_normal=1)
+  assert sum(isinstance(s, Skip) for s, _ in limited.normal) == 1
+  assert limited.reduce == expected
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope='module')
+def cifar_subset(tmp_path_factory):
+  """300 training and 100 test images per class from the shared CIFAR-10 copy."""
+  if not CIFAR.exists():
+    pytest.skip(f'{CIFAR} is missing')
+  dest = tmp_path_factory.mktemp('cifar10')
+  subprocess.run(['tar', '-xzf', str(CIFAR), '-C', str(dest), '--wildcards',
+                  'train/*/0[0-2]??.jpg', 'test/*/00??.jpg'], check=True)
+  return dest
+
+
+@pytest.fixture(scope='module')
+def tiny_runs(cifar_subset, tmp_path_factory):
+  """The tiny config searched twice with the same seed (fully optimised XLA)."""
+  import jax
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    runs = []
+    for _ in range(2):
+      workdir = tmp_path_factory.mktemp('run')
+      config = _load('tiny')
+      with config.unlocked():
+        config.data.dataset, config.data.folder = 'folder', str(cifar_subset)
+      runs.append((search.run(config, workdir), workdir))
+    return runs
+  finally:
+    jax.config.update('jax_disable_most_optimizations', True)
+
+
+def test_tiny_search_end_to_end(tiny_runs):
+  geno, workdir = tiny_runs[0]
+  for kind in ('normal', 'reduce'):
+    entries = getattr(geno, kind)
+    assert len(entries) == 8
+    for node in range(4):
+      (_, a), (_, b) = entries[2 * node:2 * node + 2]
+      assert a < b < node + 2  # two distinct inputs per node
+  assert genotype.load(workdir / 'genotype.json') == geno
+  for name in ('config.json', 'log.txt', 'scalars.jsonl', 'stages/stage0.json',
+               'stages/stage2.json'):
+    assert (workdir / name).is_file(), name
+  assert list((workdir / 'tb').iterdir())
+
+
+def test_tiny_search_learns(tiny_runs):
+  records = metrics.read_scalars(tiny_runs[0][1])
+  valid = [r['valid/accuracy'] for r in records if 'valid/accuracy' in r]
+  assert len(valid) == 3
+  assert max(valid) > 0.2  # ten classes: chance is 0.1
+
+
+def test_tiny_search_stage_records(tiny_runs):
+  workdir = tiny_runs[0][1]
+  stage0 = json.loads((workdir / 'stages' / 'stage0.json').read_text())
+  for kind in ('normal', 'reduce'):
+    assert len(stage0['probs'][kind]) == 14
+    assert all(abs(sum(e.values()) - 1) < 1e-5 for e in stage0['probs'][kind])
+    created = stage0['events'][kind]['created']
+    assert len(created) + stage0['events'][kind]['failed_morphs'] == 28
+    cell = space.CellSpace.from_json(stage0['space'][kind])
+    assert all(len(cell.active(e)) == 4 for e in range(14))
+  stage1 = json.loads((workdir / 'stages' / 'stage1.json').read_text())
+  # stage 1 trained exactly the pool that stage 0 left behind
+  cell = space.CellSpace.from_json(stage0['space']['normal'])
+  assert [sorted(e) for e in stage1['probs']['normal']] == [
+      sorted(str(cell.candidates[c]) for c in cell.active(e)) for e in range(14)]
+  records = metrics.read_scalars(workdir)
+  compiles = [r['stage/compile_s'] for r in records if 'stage/compile_s' in r]
+  assert len(compiles) == 3
+
+
+def test_same_seed_same_search(tiny_runs):
+  (g1, w1), (g2, w2) = tiny_runs
+  assert g1 == g2
+  for i in range(3):
+    s1 = json.loads((w1 / 'stages' / f'stage{i}.json').read_text())
+    s2 = json.loads((w2 / 'stages' / f'stage{i}.json').read_text())
+    assert s1['events'] == s2['events'] and s1['space'] == s2['space']
+    np.testing.assert_allclose([list(e.values()) for e in s1['probs']['normal']],
+                               [list(e.values()) for e in s2['probs']['normal']], rtol=1e-5)
