@@ -204,29 +204,47 @@ def unit_widths(spec: Conv, channels: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Flax modules. Every candidate maps (N, H, W, C) -> (N, H/stride, W/stride, C).
 
-DW_FORMS = ('grouped', 'dense')
+DW_FORMS = ('grouped', 'dense', 'shift')
 
 
 def default_dw_form() -> str:
-  """XLA:CPU's grouped convolution is slow (design.md): dense-diagonal there, grouped elsewhere."""
+  """XLA:CPU's grouped convolution is slow (design.md): the dense-diagonal form there, grouped
+  elsewhere. ``'shift'`` wins for isolated wide layers but compiles slowly inside the supernet."""
   return 'dense' if jax.default_backend() == 'cpu' else 'grouped'
 
 
 def depthwise_conv(x, kernel, *, stride=1, dilation=1, form=None):
   """Depthwise KxK convolution with symmetric padding ``(K-1)*d//2``.
 
-  ``kernel`` is (K, K, 1, C). ``form='grouped'`` uses ``feature_group_count=C``; ``'dense'``
-  convolves with the dense diagonal kernel ``kernel * eye(C)``; both compute the same function.
+  ``kernel`` is (K, K, 1, C). All forms compute the same function: ``'grouped'`` uses
+  ``feature_group_count=C``; ``'dense'`` convolves with the dense diagonal kernel
+  ``kernel * eye(C)``; ``'shift'`` sums K*K strided slices of the padded input times their tap,
+  behind an optimisation barrier so that XLA computes it once instead of fusing it into every
+  consumer.
   """
   form = form or default_dw_form()
   k, c = kernel.shape[0], kernel.shape[-1]
+  p = (k - 1) * dilation // 2
+  if form == 'shift':
+    n, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    ho, wo = (h + 2 * p - dilation * (k - 1) - 1) // stride + 1, (w + 2 * p - dilation * (k - 1) -
+                                                                   1) // stride + 1
+    out = 0.0
+    for i in range(k):
+      for j in range(k):
+        y0, x0 = i * dilation, j * dilation
+        tap = jax.lax.slice(xp, (0, y0, x0, 0),
+                            (n, y0 + (ho - 1) * stride + 1, x0 + (wo - 1) * stride + 1, c),
+                            (1, stride, stride, 1))
+        out = out + tap * kernel[i, j, 0]
+    return jax.lax.optimization_barrier(out)
   if form == 'grouped':
     rhs, groups = kernel, c
   elif form == 'dense':
     rhs, groups = kernel * jnp.eye(c, dtype=kernel.dtype), 1
   else:
     raise UserError(f'unknown depthwise form {form!r}: use one of {", ".join(DW_FORMS)}')
-  p = (k - 1) * dilation // 2
   return jax.lax.conv_general_dilated(
       x, rhs, window_strides=(stride, stride), padding=((p, p), (p, p)),
       rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),

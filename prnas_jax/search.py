@@ -168,8 +168,7 @@ class Search:
     s, st = self.config.search, self.config.search.stages
     epochs, grace, p_drop = st.epochs[i], st.grace_epochs[i], st.skip_dropout[i]
     cfg = steps.StepConfig(
-        epochs=epochs, steps_per_epoch=self.steps_per_epoch, mean=self.splits.mean,
-        std=self.splits.std, lr=s.lr, lr_min=s.lr_min, momentum=s.momentum,
+        mean=self.splits.mean, std=self.splits.std, momentum=s.momentum,
         weight_decay=s.weight_decay, clip=s.clip, alpha_lr=s.alpha_lr, alpha_b1=s.alpha_b1,
         alpha_b2=s.alpha_b2, alpha_weight_decay=s.alpha_weight_decay, alpha_clip=s.alpha_clip,
         cutout=s.cutout, skip_dropout=p_drop > 0)
@@ -181,14 +180,13 @@ class Search:
              f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling')
 
     batch = lambda split, idx: {'image': split['image'][idx], 'label': split['label'][idx]}
-    idx = jnp.arange(s.batch_size)
-    step, compile_s = steps.compiled_search_step(state, batch(self.splits.weights, idx),
-                                                 batch(self.splits.alphas, idx), net=net, cfg=cfg)
+    update, compile_s = steps.compile_update_step(
+        state, batch(self.splits.weights, jnp.arange(s.batch_size)), net=net, cfg=cfg)
     log.info(f'stage {i}: compiled in {compile_s:.1f} s')
 
     train_s = 0.0
-    schedule = cfg.weight_schedule()
     for e in range(epochs):
+      lr = steps.epoch_cosine(s.lr, s.lr_min, epochs, e)
       drop = p_drop * ((epochs - e - 1) / epochs if e < grace else np.exp(-0.2 * (e - grace)))
       w_idx = data.epoch_batches(self.batch_rng, len(self.splits.weights['label']),
                                  s.batch_size)[:self.steps_per_epoch]
@@ -198,9 +196,8 @@ class Search:
       sums = {'loss': 0.0, 'accuracy': 0.0}
       for n in range(self.steps_per_epoch):
         self.key, k = jax.random.split(self.key)
-        state, m = step(state, batch(self.splits.weights, w_idx[n]),
-                        batch(self.splits.alphas, a_idx[n]), np.bool_(e >= grace),
-                        np.float32(drop), k)
+        state, m = steps.search_step(update, state, batch(self.splits.weights, w_idx[n]),
+                                     batch(self.splits.alphas, a_idx[n]), e >= grace, lr, drop, k)
         sums = {name: sums[name] + m[name] for name in sums}
         self.progress.update(f'stage {i} epoch {e + 1}/{epochs}', n + 1, self.steps_per_epoch,
                              s.batch_size, lambda: {'loss': float(sums['loss']) / (n + 1)})
@@ -211,7 +208,7 @@ class Search:
         raise UserError(f'the training loss became {train["loss"]} in stage {i}, epoch {e}: '
                         'lower search.lr or search.alpha_lr, or check the data')
       scalars = {'train/loss': train['loss'], 'train/accuracy': train['accuracy'],
-                 'epoch/lr': float(schedule((e + 1) * self.steps_per_epoch - 1)),
+                 'epoch/lr': lr,
                  'epoch/seconds': seconds, 'epoch/skip_dropout': drop,
                  'epoch/batch_size': s.batch_size,
                  'epoch/images_per_s': self.steps_per_epoch * s.batch_size / seconds}

@@ -1,8 +1,8 @@
 """Optimizers and the jitted search and eval steps (first-order DARTS, reference §6).
 
-One search step = an alpha step on an alpha-split batch (skipped, inside the same compiled
-program, while ``train_alpha`` is false: the grace epochs), then a weight step on a weight-split
-batch with the updated alphas. Batches arrive as uint8 images and are augmented inside jit.
+One search step = an alpha update on an alpha-split batch (skipped in the grace epochs), then a
+weight update on a weight-split batch with the updated alphas; both run the same compiled
+``update_step``. Batches arrive as uint8 images and are augmented inside jit.
 """
 from __future__ import annotations
 
@@ -30,23 +30,18 @@ class SearchState:
   a_opt: optax.OptState
 
 
-def epoch_cosine(lr: float, lr_min: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
-  """Cosine from ``lr`` towards ``lr_min``, constant within an epoch (stepped per epoch)."""
-  def schedule(count):
-    epoch = count // steps_per_epoch
-    return lr_min + 0.5 * (lr - lr_min) * (1 + jnp.cos(math.pi * epoch / epochs))
-  return schedule
+def epoch_cosine(lr: float, lr_min: float, epochs: int, epoch: int) -> float:
+  """The learning rate of ``epoch``: cosine from ``lr`` towards ``lr_min`` over ``epochs``,
+  stepped once per epoch (reference §6)."""
+  return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs))
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Hyper-parameters of the search step (hashable: a static argument of the jitted steps)."""
-  epochs: int
-  steps_per_epoch: int
+  """Hyper-parameters of the search step (hashable: a static argument of the jitted step).
+  The weight learning rate is not among them: it is an argument of each step."""
   mean: tuple[float, ...]
   std: tuple[float, ...]
-  lr: float = 0.025
-  lr_min: float = 0.001
   momentum: float = 0.9
   weight_decay: float = 3e-4
   clip: float = 5.0
@@ -59,14 +54,10 @@ class StepConfig:
   cutout: int = 0
   skip_dropout: bool = False  # build the P-DARTS skip dropout (its rate is a step argument)
 
-  def weight_schedule(self) -> optax.Schedule:
-    return epoch_cosine(self.lr, self.lr_min, self.epochs, self.steps_per_epoch)
-
   def weight_tx(self) -> optax.GradientTransformation:
-    """Clip, coupled L2, SGD with momentum (PyTorch's order)."""
+    """Clip, coupled L2, momentum (PyTorch's SGD order); the step scales by -lr."""
     return optax.chain(optax.clip_by_global_norm(self.clip),
-                       optax.add_decayed_weights(self.weight_decay),
-                       optax.sgd(self.weight_schedule(), self.momentum))
+                       optax.add_decayed_weights(self.weight_decay), optax.trace(self.momentum))
 
   def alpha_tx(self) -> optax.GradientTransformation:
     """Clip, coupled L2, Adam."""
@@ -88,72 +79,77 @@ def _masks(net):
   return {k: jnp.asarray(m) for k, m in supernet.alpha_masks(net.edge_ops()).items()}
 
 
-def _forward(net, cfg, params, stats, alphas, images, skip_drop, key):
-  logits, new = net.apply({'params': params, 'batch_stats': stats}, images,
-                          supernet.edge_weights(alphas, _masks(net)), train=True,
-                          skip_drop=skip_drop if cfg.skip_dropout else None,
-                          mutable=['batch_stats'], rngs={'dropout': key})
-  return logits, new['batch_stats']
-
-
-def _alpha_step(net, cfg, state, images, labels, skip_drop, key):
-  def loss_fn(alphas):
-    logits, stats = _forward(net, cfg, state.params, state.batch_stats, alphas, images,
-                             skip_drop, key)
-    return cross_entropy(logits, labels), stats
-  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.alphas)
-  grads = jax.tree.map(lambda g, m: g * m, grads, _masks(net))
-  updates, a_opt = cfg.alpha_tx().update(grads, state.a_opt, state.alphas)
-  alphas = optax.apply_updates(state.alphas, updates)
-  return state.replace(alphas=alphas, a_opt=a_opt, batch_stats=stats), loss
+def _select(flag, a, b):
+  return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'cfg'), donate_argnames='state')
-def search_step(state: SearchState, weight_batch, alpha_batch, train_alpha, skip_drop, key, *,
+def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
                 net: supernet.Supernet, cfg: StepConfig):
-  """One search step: the alpha step on ``alpha_batch`` when ``train_alpha`` (else skipped
-  inside the same program: the grace epochs), then the weight step on ``weight_batch`` with the
-  updated alphas. Batches are ``{'image': uint8 NHWC, 'label': int}``; ``skip_drop`` is the
-  skip-dropout rate (used if ``cfg.skip_dropout``); ``state`` is donated."""
-  key_w, key_a, drop_w, drop_a = jax.random.split(key, 4)
-  aug = functools.partial(data.augment, mean=cfg.mean, std=cfg.std, crop_pad=cfg.crop_pad,
-                          cutout=cfg.cutout)
-  xa = aug(key_a, alpha_batch['image'])
-  state, alpha_loss = jax.lax.cond(
-      train_alpha,
-      lambda s: _alpha_step(net, cfg, s, xa, alpha_batch['label'], skip_drop, drop_a),
-      lambda s: (s, jnp.zeros((), jnp.float32)), state)
+  """One forward/backward pass on ``batch`` that updates either the alphas (Adam) or the
+  weights (SGD with learning rate ``lr``); BatchNorm statistics are updated either way.
 
-  xw, labels = aug(key_w, weight_batch['image']), weight_batch['label']
+  Both gradients come from the same pass, so one compiled program serves the alpha and the
+  weight half of a search step (about half the compile time of two programs; the alpha half
+  also computes the unused weight gradients, as the reference does). ``state`` is donated.
+  """
+  k_aug, k_drop = jax.random.split(key)
+  images = data.augment(k_aug, batch['image'], cfg.mean, cfg.std, crop_pad=cfg.crop_pad,
+                        cutout=cfg.cutout)
+  masks = _masks(net)
 
-  def loss_fn(params):
-    logits, stats = _forward(net, cfg, params, state.batch_stats, state.alphas, xw, skip_drop,
-                             drop_w)
-    return cross_entropy(logits, labels), (stats, logits)
-  (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, w_opt = cfg.weight_tx().update(grads, state.w_opt, state.params)
-  state = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats,
-                        w_opt=w_opt)
-  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-             'alpha_loss': alpha_loss}
-  return state, metrics
+  def loss_fn(params, alphas):
+    logits, new = net.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                            supernet.edge_weights(alphas, masks), train=True,
+                            skip_drop=skip_drop if cfg.skip_dropout else None,
+                            mutable=['batch_stats'], rngs={'dropout': k_drop})
+    return cross_entropy(logits, batch['label']), (new['batch_stats'], logits)
+
+  (loss, (stats, logits)), (g_params, g_alphas) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.alphas)
+  g_alphas = jax.tree.map(lambda g, m: g * m, g_alphas, masks)
+  a_updates, a_opt = cfg.alpha_tx().update(g_alphas, state.a_opt, state.alphas)
+  w_updates, w_opt = cfg.weight_tx().update(g_params, state.w_opt, state.params)
+  params = jax.tree.map(lambda p, u: p - lr * u, state.params, w_updates)
+  new_state = SearchState(
+      params=_select(update_alphas, state.params, params), batch_stats=stats,
+      alphas=_select(update_alphas, optax.apply_updates(state.alphas, a_updates), state.alphas),
+      w_opt=_select(update_alphas, state.w_opt, w_opt),
+      a_opt=_select(update_alphas, a_opt, state.a_opt))
+  return new_state, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
 
 
 _COMPILED = {}
 
 
-def compiled_search_step(state, weight_batch, alpha_batch, *, net, cfg):
-  """The search step compiled ahead of time for these shapes, and the seconds it took (0 when
+def compile_update_step(state, batch, *, net, cfg):
+  """``update_step`` compiled ahead of time for these shapes, and the seconds it took (0 when
   an earlier stage or run in this process compiled the same program)."""
   key = (net, cfg, jax.tree.structure(state),
-         tuple((x.shape, x.dtype) for x in jax.tree.leaves((state, weight_batch, alpha_batch))))
+         tuple((x.shape, x.dtype) for x in jax.tree.leaves((state, batch))))
   if key in _COMPILED:
     return _COMPILED[key], 0.0
   t0 = time.perf_counter()
-  compiled = search_step.lower(state, weight_batch, alpha_batch, np.bool_(True), np.float32(0),
+  compiled = update_step.lower(state, batch, np.bool_(True), np.float32(0), np.float32(0),
                                jax.random.key(0), net=net, cfg=cfg).compile()
   _COMPILED[key] = compiled
   return compiled, time.perf_counter() - t0
+
+
+def search_step(update, state, weight_batch, alpha_batch, train_alpha: bool, lr, skip_drop,
+                key):
+  """First-order DARTS: the alpha update on ``alpha_batch`` (unless ``train_alpha`` is false:
+  the grace epochs), then the weight update on ``weight_batch`` with the updated alphas.
+  ``update`` is ``update_step`` or its compiled form. Returns the state and the weight half's
+  metrics, plus ``alpha_loss``."""
+  key_a, key_w = jax.random.split(key)
+  lr, skip_drop = np.float32(lr), np.float32(skip_drop)
+  alpha_loss = jnp.zeros(())
+  if train_alpha:
+    state, m = update(state, alpha_batch, np.bool_(True), lr, skip_drop, key_a)
+    alpha_loss = m['loss']
+  state, m = update(state, weight_batch, np.bool_(False), lr, skip_drop, key_w)
+  return state, {**m, 'alpha_loss': alpha_loss}
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'mean', 'std'))

@@ -134,6 +134,7 @@ def test_symmetric_padding_with_stride_two():
   kernel = jnp.zeros((3, 3, 1, 1)).at[0, 0].set(1.0)
   for form in ops.DW_FORMS:
     y = ops.depthwise_conv(x, kernel, stride=2, form=form)
+    assert y.shape == (1, 2, 2, 1)
     np.testing.assert_array_equal(y[0, :, :, 0], [[0.0, 0.0], [0.0, 6.0]])
 
 
@@ -149,10 +150,11 @@ def test_depthwise_forms_agree(k, d, stride):
     return jnp.sum(jnp.sin(y)), y
 
   (_, y_g), g_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w, 'grouped')
-  (_, y_d), g_d = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w, 'dense')
-  np.testing.assert_allclose(y_g, y_d, rtol=1e-5, atol=1e-5)
-  for a, b in zip(g_g, g_d):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for form in ('dense', 'shift'):
+    (_, y), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w, form)
+    np.testing.assert_allclose(y, y_g, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_g):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_default_form_follows_backend():
@@ -161,10 +163,11 @@ def test_default_form_follows_backend():
     ops.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), form='sparse')
 
 
-def test_conv_op_forms_agree_as_modules():
+@pytest.mark.parametrize('form', ['dense', 'shift'])
+def test_conv_op_forms_agree_as_modules(form):
   x = jax.random.normal(jax.random.key(4), (2, 8, 8, C))
   vg, yg = _init_apply(Conv(3, 2, (1,)), 2, x=x, dw_form='grouped')
-  vd, yd = _init_apply(Conv(3, 2, (1,)), 2, x=x, dw_form='dense')
+  vd, yd = _init_apply(Conv(3, 2, (1,)), 2, x=x, dw_form=form)
   assert jax.tree.map(jnp.shape, vg) == jax.tree.map(jnp.shape, vd)
   np.testing.assert_allclose(yg, yd, rtol=1e-5, atol=1e-5)
 

@@ -147,7 +147,8 @@ def cifar_subset(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tiny_runs(cifar_subset, tmp_path_factory):
-  """The tiny config searched twice with the same seed (fully optimised XLA)."""
+  """The tiny config searched twice with the same seed (fully optimised XLA; the second run
+  reuses the first one's compiled programs)."""
   import jax
   jax.config.update('jax_disable_most_optimizations', False)
   try:
@@ -157,6 +158,7 @@ def tiny_runs(cifar_subset, tmp_path_factory):
       config = _load('tiny')
       with config.unlocked():
         config.data.dataset, config.data.folder = 'folder', str(cifar_subset)
+        config.data.max_train = 1000  # 15 steps of 32 per epoch: CI time
       runs.append((search.run(config, workdir), workdir))
     return runs
   finally:
@@ -182,7 +184,7 @@ def test_tiny_search_learns(tiny_runs):
   records = metrics.read_scalars(tiny_runs[0][1])
   valid = [r['valid/accuracy'] for r in records if 'valid/accuracy' in r]
   assert len(valid) == 3
-  assert max(valid) > 0.2  # ten classes: chance is 0.1
+  assert max(valid) > 0.18  # ten classes, 500 validation images: chance is 0.10 +- 0.013
 
 
 def test_tiny_search_stage_records(tiny_runs):

@@ -9,7 +9,7 @@ from prnas_jax import ops, space, steps, supernet
 from prnas_jax.ops import Conv
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-CFG = steps.StepConfig(epochs=2, steps_per_epoch=3, mean=MEAN, std=STD)
+CFG = steps.StepConfig(mean=MEAN, std=STD)
 
 
 def _space():
@@ -86,14 +86,15 @@ def test_masked_columns_get_zero_probability_and_gradient(tiny):
 
 @pytest.fixture(scope='module')
 def stepped(tiny):
-  """Runs the jitted step (compiled once) with and without the alpha step."""
+  """Runs the search step (one compiled program) with and without the alpha update."""
   _, net, masks, alphas, variables = tiny
   state0 = steps.create_state(variables, alphas, CFG)
   copy = lambda s: jax.tree.map(jnp.copy, s)
-  weights_only, m1 = steps.search_step(copy(state0), _batch(1), _batch(2), False, 0.0,
-                                       jax.random.key(3), net=net, cfg=CFG)
-  both, m2 = steps.search_step(copy(state0), _batch(1), _batch(2), True, 0.0, jax.random.key(3),
-                               net=net, cfg=CFG)
+  update, _ = steps.compile_update_step(state0, _batch(1), net=net, cfg=CFG)
+  run = lambda train_alpha: steps.search_step(update, copy(state0), _batch(1), _batch(2),
+                                              train_alpha, 0.025, 0.0, jax.random.key(3))
+  weights_only, m1 = run(False)
+  both, m2 = run(True)
   return state0, weights_only, both, m1, m2
 
 
@@ -124,10 +125,30 @@ def test_weight_step_sees_the_updated_alphas(stepped):
 
 
 def test_weight_schedule_is_an_epoch_cosine():
-  sched = CFG.weight_schedule()
-  lrs = [float(sched(i)) for i in range(6)]
-  assert lrs[0] == lrs[1] == lrs[2] == pytest.approx(0.025)
-  assert lrs[3] == pytest.approx(0.001 + 0.012 * (1 + np.cos(np.pi / 2)))
+  lrs = [steps.epoch_cosine(0.025, 0.01, 4, e) for e in range(4)]
+  assert lrs[0] == pytest.approx(0.025) and lrs[2] == pytest.approx(0.0175)
+  assert lrs[3] == pytest.approx(0.01 + 0.0075 * (1 + np.cos(3 * np.pi / 4)))
+
+
+def test_step_compiles_once_per_program(tiny, stepped):
+  _, net, _, alphas, variables = tiny
+  state = steps.create_state(variables, alphas, CFG)
+  _, seconds = steps.compile_update_step(state, _batch(5), net=net, cfg=CFG)
+  assert seconds == 0.0  # the fixture compiled this program already
+
+
+def test_weight_update_is_sgd_with_momentum(tiny):
+  """The weight half equals a hand-written PyTorch-style SGD step on the same gradients."""
+  _, net, masks, alphas, variables = tiny
+  state = steps.create_state(variables, alphas, CFG)
+  update, _ = steps.compile_update_step(state, _batch(1), net=net, cfg=CFG)
+  before = jax.tree.map(jnp.copy, state.params)
+  new, _ = update(jax.tree.map(jnp.copy, state), _batch(1), np.bool_(False), np.float32(0.1),
+                  np.float32(0), jax.random.key(4))
+  buffers = jax.tree.leaves(new.w_opt)  # after one step: clipped gradient + wd * params
+  assert len(buffers) == len(jax.tree.leaves(before))
+  for p0, p1, buf in zip(jax.tree.leaves(before), jax.tree.leaves(new.params), buffers):
+    np.testing.assert_allclose(p1, p0 - 0.1 * buf, rtol=1e-6, atol=1e-7)
 
 
 def test_rebuild_with_a_pruned_candidate_keeps_other_weights(tiny):
