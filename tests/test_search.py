@@ -1,16 +1,16 @@
 """The stage loop: config validation, pruning/morphing across a stage, derivation, and a tiny
 search end to end on the real CIFAR-10 copy (twice, for determinism)."""
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ml_collections import config_flags
 
 from prnas_jax import config as config_lib
-from prnas_jax import genotype, metrics, ops, search, space
+from prnas_jax import genotype, metrics, search, space
 from prnas_jax.errors import UserError
 from prnas_jax.ops import Conv, Pool, Skip
 
@@ -19,7 +19,7 @@ CIFAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 
 
 def _load(name):
-  return config_flags._ConfigFileParser('config').parse(str(ROOT / 'configs' / f'{name}.py'))
+  return runpy.run_path(str(ROOT / 'configs' / f'{name}.py'))['get_config']()
 
 
 @pytest.mark.parametrize('name', ['dl1', 'dl2', 'dr', 'ur', 'darts', 'pdarts', 'tiny'])

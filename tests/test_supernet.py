@@ -205,3 +205,30 @@ def test_eval_step(tiny, stepped):
   out = steps.eval_step(stepped[2], _batch(4), net=net, mean=MEAN, std=STD)
   assert int(out['count']) == 8 and 0 <= int(out['correct']) <= 8
   assert np.isfinite(out['loss_sum'])
+
+
+def test_skip_dropout_drops_only_the_identity_skip(tiny):
+  _, net, masks, alphas, variables = tiny
+  x = _batch(6)['image'].astype(jnp.float32) / 255
+  w = supernet.edge_weights(alphas, masks)
+
+  def apply(rate, seed=0):
+    y, _ = net.apply(variables, x, w, train=True, skip_drop=rate, mutable=['batch_stats'],
+                     rngs={'dropout': jax.random.key(seed)})
+    return y
+
+  plain, _ = net.apply(variables, x, w, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(apply(0.0), plain, rtol=1e-5, atol=1e-6)  # rate 0: no change
+  assert np.max(np.abs(apply(0.9) - plain)) > 1e-3
+  assert np.max(np.abs(apply(0.9, 1) - apply(0.9, 2))) > 1e-3  # a fresh mask per key
+  no_skip = _space()
+  for cell in no_skip.values():
+    cell.remaining[:, 2] = False  # no skip anywhere: dropout has nothing to drop
+  net2 = _net(no_skip)
+  m2 = supernet.alpha_masks(net2.edge_ops())
+  w2 = supernet.edge_weights(supernet.init_alphas(jax.random.key(0), m2), m2)
+  v2 = supernet.carry_over(variables, net2.init(jax.random.key(1), x[:2], w2, train=False))
+  a, _ = net2.apply(v2, x, w2, train=True, skip_drop=0.9, mutable=['batch_stats'],
+                    rngs={'dropout': jax.random.key(0)})
+  b, _ = net2.apply(v2, x, w2, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
