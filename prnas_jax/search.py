@@ -145,11 +145,8 @@ class Search:
     net = supernet.build(self.space, layers=s.layers + st.add_layers[i],
                          channels=s.init_channels + st.add_width[i],
                          num_classes=self.splits.num_classes, dw_form=s.dw_form or None)
-    masks = supernet.alpha_masks(net.edge_ops())
-    self.key, k_init, k_alpha, k_morph = jax.random.split(self.key, 4)
-    variables = net.init(k_init, jnp.zeros((1, *self.splits.image_shape), jnp.float32),
-                         supernet.edge_weights(supernet.init_alphas(k_alpha, masks), masks),
-                         train=False)
+    self.key, k_init, k_morph = jax.random.split(self.key, 3)
+    variables = supernet.init_variables(net, k_init, self.splits.image_shape)
     if previous is not None and (previous[0].layers, previous[0].channels) == (net.layers,
                                                                                net.channels):
       variables = supernet.carry_over(previous[1], variables)

@@ -163,6 +163,14 @@ def init_alphas(key, masks: Mapping[str, np.ndarray], scale: float = 1e-3) -> di
   return {k: scale * jax.random.normal(keys[k], m.shape) * m for k, m in masks.items()}
 
 
+def init_variables(net: Supernet, key, image_shape) -> dict:
+  """Freshly initialised ``params`` and ``batch_stats`` of ``net`` for images of ``image_shape``
+  (H, W, C)."""
+  masks = alpha_masks(net.edge_ops())
+  weights = edge_weights(init_alphas(jax.random.key(0), masks), masks)
+  return net.init(key, jnp.zeros((1, *image_shape), jnp.float32), weights, train=False)
+
+
 def edge_weights(alphas: Mapping[str, jax.Array], masks: Mapping[str, np.ndarray]):
   """Softmax over each edge's real columns; masked columns get probability and gradient 0."""
   return {k: jax.nn.softmax(jnp.where(masks[k], a, -jnp.inf), axis=-1, where=masks[k])

@@ -42,8 +42,7 @@ def main(_):
   k_init, k_alpha = jax.random.split(jax.random.key(0))
   alphas = supernet.init_alphas(k_alpha, masks)
   t0 = time.perf_counter()
-  variables = net.init(k_init, np.zeros((1, 32, 32, 3), np.float32),
-                       supernet.edge_weights(alphas, masks), train=False)
+  variables = supernet.init_variables(net, k_init, (32, 32, 3))
   init_s = time.perf_counter() - t0
   cfg = steps.StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3)
   state = steps.create_state(variables, alphas, cfg)

@@ -156,10 +156,7 @@ def test_rebuild_with_a_pruned_candidate_keeps_other_weights(tiny):
   sp2 = _space()
   sp2['reduce'].remaining[3, 0] = False  # prune max-pool on reduce edge 3
   net2 = _net(sp2)
-  masks2 = supernet.alpha_masks(net2.edge_ops())
-  template = net2.init(jax.random.key(7), jnp.zeros((2, 16, 16, 3)),
-                       supernet.edge_weights(supernet.init_alphas(jax.random.key(8), masks2),
-                                             masks2), train=False)
+  template = supernet.init_variables(net2, jax.random.key(7), (16, 16, 3))
   carried = supernet.carry_over(variables, template)
   old, new = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(carried)
   assert set(old) - set(new) == {('batch_stats', c, 'edge3', 'pool(max,3)', 'bn', k)
@@ -179,10 +176,7 @@ def test_new_candidates_start_fresh_or_from_their_parent(tiny):
   cell.parents[4][child] = 3
   cell.pending[4].add(child)
   net2 = _net(sp2)
-  masks2 = supernet.alpha_masks(net2.edge_ops())
-  template = net2.init(jax.random.key(7), jnp.zeros((2, 16, 16, 3)),
-                       supernet.edge_weights(supernet.init_alphas(jax.random.key(8), masks2),
-                                             masks2), train=False)
+  template = supernet.init_variables(net2, jax.random.key(7), (16, 16, 3))
   carried = supernet.carry_over(variables, template)
   name = str(Conv(5))
   np.testing.assert_array_equal(carried['params']['cell0']['edge4'][name]['unit0']['dw']['kernel'],
@@ -227,7 +221,8 @@ def test_skip_dropout_drops_only_the_identity_skip(tiny):
   net2 = _net(no_skip)
   m2 = supernet.alpha_masks(net2.edge_ops())
   w2 = supernet.edge_weights(supernet.init_alphas(jax.random.key(0), m2), m2)
-  v2 = supernet.carry_over(variables, net2.init(jax.random.key(1), x[:2], w2, train=False))
+  v2 = supernet.carry_over(variables,
+                          supernet.init_variables(net2, jax.random.key(1), (16, 16, 3)))
   a, _ = net2.apply(v2, x, w2, train=True, skip_drop=0.9, mutable=['batch_stats'],
                     rngs={'dropout': jax.random.key(0)})
   b, _ = net2.apply(v2, x, w2, train=True, mutable=['batch_stats'])
