@@ -11,7 +11,7 @@ def get_config():
   config.search.alpha_lr = 3e-4
   config.search.drop_zero_last = True
   stages = config.search.stages
-  stages.epochs, stages.grace_epochs = [50], [0]
-  stages.keep, stages.new = [1], [0]
-  stages.add_layers, stages.add_width, stages.skip_dropout = [0], [0], [0.0]
+  stages.epochs, stages.grace_epochs = (50,), (0,)
+  stages.keep, stages.new = (1,), (0,)
+  stages.add_layers, stages.add_width, stages.skip_dropout = (0,), (0,), (0.0,)
   return config

@@ -8,9 +8,9 @@ def get_config():
   config.data.max_train = 2000
   s = config.search
   s.layers, s.init_channels, s.batch_size, s.valid_epochs = 3, 8, 32, 1
-  s.stages.epochs, s.stages.grace_epochs = [2, 2, 2], [1, 1, 0]
-  s.stages.keep, s.stages.new = [4, 3, 1], [2, 1, 0]
-  s.stages.add_layers, s.stages.add_width = [0, 0, 0], [0, 0, 0]
-  s.stages.skip_dropout = [0.0, 0.0, 0.0]
+  s.stages.epochs, s.stages.grace_epochs = (2, 2, 2), (1, 1, 0)
+  s.stages.keep, s.stages.new = (4, 3, 1), (2, 1, 0)
+  s.stages.add_layers, s.stages.add_width = (0, 0, 0), (0, 0, 0)
+  s.stages.skip_dropout = (0.0, 0.0, 0.0)
   config.log_every = 10
   return config

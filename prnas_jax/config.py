@@ -13,14 +13,15 @@ from prnas_jax.errors import UserError
 STAGE_KEYS = ('epochs', 'grace_epochs', 'keep', 'new', 'add_layers', 'add_width', 'skip_dropout')
 
 # Reference §5.1: the 9-stage schedule of the DL1, DL2, DR and UR searches.
+# Tuples, so that a stage list can be overridden: --config.search.stages.keep='(6, 4, 1)'.
 PAPER_STAGES = dict(
-    epochs=[15, 15, 10, 10, 10, 10, 10, 10, 10],
-    grace_epochs=[5, 5, 3, 3, 3, 3, 3, 3, 3],
-    keep=[6, 6, 6, 6, 6, 4, 3, 2, 1],
-    new=[3, 3, 3, 3, 3, 0, 0, 0, 0],
-    add_layers=[0] * 9,
-    add_width=[0] * 9,
-    skip_dropout=[0.0] * 9,
+    epochs=(15, 15, 10, 10, 10, 10, 10, 10, 10),
+    grace_epochs=(5, 5, 3, 3, 3, 3, 3, 3, 3),
+    keep=(6, 6, 6, 6, 6, 4, 3, 2, 1),
+    new=(3, 3, 3, 3, 3, 0, 0, 0, 0),
+    add_layers=(0,) * 9,
+    add_width=(0,) * 9,
+    skip_dropout=(0.0,) * 9,
 )
 
 

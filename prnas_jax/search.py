@@ -9,17 +9,16 @@ The last stage derives the genotype. Everything a run writes lands in its workdi
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from prnas_jax import data, genotype, metrics, morph, space, steps, supernet
+from prnas_jax import cli, data, genotype, metrics, morph, space, steps, supernet
 from prnas_jax.config import STAGE_KEYS, validate
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -268,16 +267,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Search config file.',
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for all outputs of the run.')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def main():
   if not _WORKDIR.value:
-    sys.exit('error: --workdir is required: pass --workdir DIR')
-  try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    sys.exit(f'error: {e}')
+    raise UserError('--workdir is required: pass --workdir DIR')
+  run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -54,23 +54,34 @@ def _bad(mutate):
 
 def test_validation_names_the_key_and_the_fix():
   assert 'search.stages lists differ in length' in _bad(
-      lambda c: setattr(c.search.stages, 'keep', [4, 1]))
+      lambda c: setattr(c.search.stages, 'keep', (4, 1)))
   assert 'keep[0] = 1 is less than search.stages.new[0] = 2' in _bad(
-      lambda c: setattr(c.search.stages, 'keep', [1, 3, 1]))
+      lambda c: setattr(c.search.stages, 'keep', (1, 3, 1)))
   assert 'search.stages.epochs[1] = -2 is negative' in _bad(
-      lambda c: setattr(c.search.stages, 'epochs', [2, -2, 2]))
+      lambda c: setattr(c.search.stages, 'epochs', (2, -2, 2)))
   assert "unknown start set 'prdarts6'" in _bad(lambda c: setattr(c.search, 'start', 'prdarts6'))
   assert "unknown morph preset 'dartslike'" in _bad(
       lambda c: setattr(c.search, 'preset', 'dartslike'))
-  assert 'new[-1] must be 0' in _bad(lambda c: setattr(c.search.stages, 'new', [2, 1, 1]))
+  assert 'new[-1] must be 0' in _bad(lambda c: setattr(c.search.stages, 'new', (2, 1, 1)))
   assert '--config.data.folder=PATH' in _bad(lambda c: setattr(c.data, 'dataset', 'folder'))
 
 
-def test_misspelled_override_is_an_error():
+def _cli(*overrides):
   cmd = [sys.executable, '-m', 'prnas_jax.search', '--config', 'configs/tiny.py',
-         '--workdir', '/nonexistent', '--config.search.lyers=3']
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert out.returncode != 0 and 'lyers' in out.stderr
+         '--workdir', '/nonexistent/run', *overrides]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_overrides_are_one_line():
+  out = _cli('--config.search.lyers=3')
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1] == (
+      'error: unknown config key \'lyers\' in --config.search.lyers=3: did you mean layers?')
+  assert 'Traceback' not in out.stderr
+  out = _cli('--config.search.stages.keep=(4, 1)')  # stage lists are tuples: overridable
+  assert out.returncode != 0 and 'Traceback' not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      'error: search.stages lists differ in length')
 
 
 def _probs(sp, values):

@@ -1,0 +1,37 @@
+"""Entry-point plumbing shared by ``search`` (and later ``train``): flags parsed with one-line
+errors for bad overrides, and UserErrors reported as one line instead of a traceback."""
+from __future__ import annotations
+
+import re
+import sys
+
+from absl import app, flags
+
+from prnas_jax.errors import UserError
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
+    text = str(e)
+    bad = re.search(r'instead of "(\w+)"', text) or re.search(r'(\w+)', text)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    where = [a for a in argv if bad and f'.{bad.group(1)}=' in a]
+    sys.exit(f'error: unknown config key {bad.group(1) if bad else text!r}'
+             f'{" in " + where[0] if where else ""}: '
+             f'{"did you mean " + hint.group(1) + "?" if hint else "check the config file"}')
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+
+
+def run(main) -> None:
+  """``absl.app.run(main)`` with one-line errors for bad flags and for ``UserError``."""
+  def guarded(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    try:
+      main()
+    except UserError as e:
+      sys.exit(f'error: {e}')
+  app.run(guarded, flags_parser=_parse_flags)
