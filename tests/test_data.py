@@ -1,5 +1,4 @@
 """Data loading (image folders, mocked tfds), the decode cache, splits, batches, augmentation."""
-import functools
 
 import jax
 import ml_collections

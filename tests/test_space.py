@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from prnas_jax import morph, ops, space
-from prnas_jax.ops import Conv, Pool, Skip, Zero
+from prnas_jax.ops import Conv, Pool
 
 DARTS_LIKE = morph.get_preset('darts_like')
 

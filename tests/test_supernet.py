@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from prnas_jax import ops, space, steps, supernet
+from prnas_jax import space, steps, supernet
 from prnas_jax.ops import Conv
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
