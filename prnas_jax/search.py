@@ -9,6 +9,7 @@ The last stage derives the genotype. Everything a run writes lands in its workdi
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from flax import traverse_util
 from ml_collections import config_flags
 
 from prnas_jax import cli, data, genotype, metrics, morph, space, steps, supernet
@@ -252,25 +254,46 @@ class Search:
                f'{len(ev["created"])}, failed morphs {ev["failed_morphs"]}')
 
 
-def run(config, workdir) -> genotype.Genotype:
-  """Validates ``config`` and runs the search into ``workdir``."""
+def _claim_workdir(workdir: Path, config, overwrite: bool) -> None:
+  """Records ``config`` in ``workdir``; refuses a workdir that holds a different run's config."""
+  path = workdir / 'config.json'
+  new = json.loads(json.dumps(config.to_dict()))
+  if path.exists() and not overwrite:
+    try:
+      old = json.loads(path.read_text())
+    except (OSError, ValueError):
+      old = None
+    if old != new:
+      flat_old = traverse_util.flatten_dict(old, sep='.') if isinstance(old, dict) else {}
+      flat_new = traverse_util.flatten_dict(new, sep='.')
+      diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
+      raise UserError(f'{workdir} holds a different run (config differs in {", ".join(diff[:3])}'
+                      f'{", ..." if len(diff) > 3 else ""}): use a new --workdir, or pass '
+                      '--overwrite to replace it')
+  write_json(path, new)
+
+
+def run(config, workdir, overwrite: bool = False) -> genotype.Genotype:
+  """Validates ``config`` and runs the search into ``workdir`` (refused if ``workdir`` holds a
+  different run, unless ``overwrite``)."""
   validate(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  _claim_workdir(workdir, config, overwrite)
   metrics.setup_logging(workdir)
-  write_json(workdir / 'config.json', config.to_dict())
   log.info(f'search into {workdir} on {jax.default_backend()}:\n{config}')
   return Search(config, workdir).run()
 
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Search config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for all outputs of the run.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a different run in --workdir.')
 
 
 def main():
   if not _WORKDIR.value:
     raise UserError('--workdir is required: pass --workdir DIR')
-  run(_CONFIG.value, _WORKDIR.value)
+  run(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
 
 
 if __name__ == '__main__':

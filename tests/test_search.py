@@ -227,3 +227,21 @@ def test_same_seed_same_search(tiny_runs):
     assert s1['events'] == s2['events'] and s1['space'] == s2['space']
     np.testing.assert_allclose([list(e.values()) for e in s1['probs']['normal']],
                                [list(e.values()) for e in s2['probs']['normal']], rtol=1e-5)
+
+
+def test_a_workdir_of_another_run_is_refused(tmp_path):
+  config = _load('tiny')  # cifar10 from tfds: not prepared here, so a run stops at the data
+  with pytest.raises(UserError, match='tfds data set cifar10'):
+    search.run(config, tmp_path)
+  with pytest.raises(UserError, match='tfds data set cifar10'):  # same config: not refused
+    search.run(config, tmp_path)
+  other = _load('tiny')
+  other.search.batch_size = 16
+  with pytest.raises(UserError) as info:
+    search.run(other, tmp_path)
+  assert str(info.value) == (f'{tmp_path} holds a different run (config differs in '
+                             'search.batch_size): use a new --workdir, or pass --overwrite to '
+                             'replace it')
+  with pytest.raises(UserError, match='tfds data set cifar10'):
+    search.run(other, tmp_path, overwrite=True)
+  assert json.loads((tmp_path / 'config.json').read_text())['search']['batch_size'] == 16
