@@ -1,13 +1,18 @@
-"""Entry-point plumbing shared by ``search`` (and later ``train``): flags parsed with one-line
-errors for bad overrides, and UserErrors reported as one line instead of a traceback."""
+"""Entry-point plumbing shared by ``search`` and ``train``: flags parsed with one-line errors for
+bad overrides, UserErrors reported as one line instead of a traceback, and the workdir claim."""
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import sys
+from pathlib import Path
 
 from absl import app, flags
+from flax import traverse_util
 
 from prnas_jax.errors import UserError
+from prnas_jax.files import write_json
 
 
 def _parse_flags(argv):
@@ -35,3 +40,30 @@ def run(main) -> None:
     except UserError as e:
       sys.exit(f'error: {e}')
   app.run(guarded, flags_parser=_parse_flags)
+
+
+def claim_workdir(workdir: Path, config, overwrite: bool, outputs=()) -> None:
+  """Records ``config`` in ``workdir/config.json``. A workdir holding the same config is a run to
+  resume; one holding a different config is refused, unless ``overwrite``, which first removes
+  the old run's ``outputs`` (names inside ``workdir``: checkpoints, logs)."""
+  path = workdir / 'config.json'
+  new = json.loads(json.dumps(config.to_dict()))
+  try:
+    old = json.loads(path.read_text()) if path.exists() else new
+  except (OSError, ValueError):
+    old = None
+  if old != new and not overwrite:
+    flat_old = traverse_util.flatten_dict(old, sep='.') if isinstance(old, dict) else {}
+    flat_new = traverse_util.flatten_dict(new, sep='.')
+    diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
+    raise UserError(f'{workdir} holds a different run (config differs in {", ".join(diff[:3])}'
+                    f'{", ..." if len(diff) > 3 else ""}): use a new --workdir, or pass '
+                    '--overwrite to replace it')
+  if overwrite:
+    for name in outputs:
+      target = workdir / name
+      if target.is_dir():
+        shutil.rmtree(target)
+      else:
+        target.unlink(missing_ok=True)
+  write_json(path, new)

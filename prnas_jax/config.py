@@ -111,3 +111,61 @@ def validate(config) -> None:
   if config.data.dataset == 'folder' and not config.data.folder:
     raise UserError("data.dataset is 'folder' but data.folder is empty: pass "
                     '--config.data.folder=PATH')
+
+
+SCHEDULES = ('cosine', 'linear')
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Retraining a genotype in the 20-cell CIFAR network (reference §8.1)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.genotype = 'DL2'  # a registry name or a genotype file (ours or DARTS names)
+  c.data = data_config()
+  del c.data['train_portion']
+  c.model = ml_collections.ConfigDict(dict(
+      stem='cifar',  # cifar | imagenet
+      layers=20,
+      init_channels=36,
+      auxiliary=True,
+      aux_weight=0.4,
+      drop_path=0.3,  # the rate ramps linearly from 0 to this over training
+      dw_form='',  # depthwise convolution form: '' = per backend, grouped | dense
+  ))
+  c.epochs = 600  # 0 = build the network, print its parameter count, exit
+  c.batch_size = 128
+  c.test_batch_size = 500
+  c.schedule = 'cosine'  # cosine (to lr_min) | linear (ImageNet: linear decay, 5-epoch tail)
+  c.lr = 0.025
+  c.lr_min = 0.0
+  c.warmup_epochs = 0
+  c.momentum = 0.9
+  c.weight_decay = 3e-4
+  c.clip = 5.0
+  c.label_smoothing = 0.0
+  c.cutout = 16
+  c.image_size = 0  # ImageNet: the training crop (0 = the data's size)
+  c.checkpoints_kept = 2
+  c.log_every = 50  # steps between progress lines
+  return c
+
+
+def validate_train(config) -> None:
+  """Raises a one-line UserError for the first problem in a retraining ``config``."""
+  m = config.model
+  if m.stem not in ('cifar', 'imagenet'):
+    raise UserError(f"model.stem {m.stem!r} is unknown: use 'cifar' or 'imagenet'")
+  if config.schedule not in SCHEDULES:
+    raise UserError(f'schedule {config.schedule!r} is unknown: use one of {", ".join(SCHEDULES)}')
+  if config.epochs < 0 or config.batch_size < 1 or config.test_batch_size < 1:
+    raise UserError('epochs must be >= 0 and batch_size, test_batch_size >= 1')
+  if m.layers < 3 or m.init_channels < 2 or m.init_channels % 2:
+    raise UserError(f'model.layers = {m.layers}, model.init_channels = {m.init_channels}: use '
+                    'at least 3 layers and an even channel count >= 2')
+  if not 0 <= m.drop_path < 1:
+    raise UserError(f'model.drop_path = {m.drop_path}: use a rate in [0, 1)')
+  if config.checkpoints_kept < 1:
+    raise UserError('checkpoints_kept must be >= 1: the run resumes from the newest one')
+  if config.data.dataset == 'folder' and not config.data.folder:
+    raise UserError("data.dataset is 'folder' but data.folder is empty: pass "
+                    '--config.data.folder=PATH')

@@ -30,6 +30,8 @@ MEAN_STD = {
     'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
 
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
+
 _CACHE_VERSION = 1  # bump when the cached layout or the example order changes
 _CACHE_DIRNAME = '.prnas_cache'
 
@@ -58,6 +60,16 @@ def load_split(data_config, split: str) -> Split:
   if name == 'folder':
     return _load_folder(getattr(data_config, 'folder', None), split)
   return _load_tfds(name, split, getattr(data_config, 'tfds_data_dir', None))
+
+
+def num_classes(data_config) -> int:
+  """The class count of ``data_config``'s data set, without loading it."""
+  name = getattr(data_config, 'dataset', None)
+  if name == 'folder':
+    return len(_list_folder(getattr(data_config, 'folder', None), 'train')[1])
+  if name not in NUM_CLASSES:
+    raise UserError(f'data.dataset {name!r} is unknown: use one of {", ".join(DATASETS)}')
+  return NUM_CLASSES[name]
 
 
 def mean_std(data_config, train: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -382,3 +394,35 @@ def augment(key, images_u8, mean, std, *, crop_pad=4, flip=True, cutout=0):
     hole = in_y[:, :, None, None] & in_x[:, None, :, None]
     x = jnp.where(hole, 0.0, x)
   return x
+
+
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                np.float32)
+
+
+def color_jitter(key, images_u8, mean, std, strength=0.4, hue=0.2, flip=True):
+  """ImageNet training colour augmentation on already cropped uint8 images: horizontal flip,
+  then brightness, contrast and saturation factors uniform in ``[1-strength, 1+strength]`` and a
+  hue rotation uniform in ``[-hue, hue]`` turns (a rotation of the YIQ chroma plane), then
+  normalisation. Per image, in this fixed order."""
+  x = jnp.asarray(images_u8).astype(jnp.float32) / 255.0
+  b = x.shape[0]
+  k_flip, k_b, k_c, k_s, k_h = jax.random.split(key, 5)
+  if flip:
+    x = jnp.where(jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1)), x[:, :, ::-1, :], x)
+  factor = lambda k: jax.random.uniform(k, (b, 1, 1, 1), minval=1 - strength,
+                                        maxval=1 + strength)
+  gray = lambda im: jnp.sum(im * jnp.asarray([0.299, 0.587, 0.114]), -1, keepdims=True)
+  x = jnp.clip(x * factor(k_b), 0, 1)
+  x = jnp.clip(gray(x).mean(axis=(1, 2), keepdims=True) + factor(k_c) * (x - gray(x).mean(
+      axis=(1, 2), keepdims=True)), 0, 1)
+  x = jnp.clip(gray(x) + factor(k_s) * (x - gray(x)), 0, 1)
+  if hue > 0:
+    theta = 2 * jnp.pi * jax.random.uniform(k_h, (b,), minval=-hue, maxval=hue)
+    cos, sin = jnp.cos(theta), jnp.sin(theta)
+    rot = jnp.stack([jnp.stack([jnp.ones_like(cos), 0 * cos, 0 * cos], -1),
+                     jnp.stack([0 * cos, cos, -sin], -1),
+                     jnp.stack([0 * cos, sin, cos], -1)], -2)  # (b, 3, 3)
+    m = jnp.einsum('ij,bjk,kl->bil', jnp.linalg.inv(_YIQ), rot, _YIQ)
+    x = jnp.clip(jnp.einsum('bhwc,bdc->bhwd', x, m), 0, 1)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

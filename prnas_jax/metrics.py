@@ -14,6 +14,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from prnas_jax import ops
+from prnas_jax.files import atomic_open
 from prnas_jax.space import CellSpace
 
 log = logging.getLogger('prnas_jax')
@@ -37,6 +38,7 @@ class Writer:
   def __init__(self, workdir: Path):
     self._tb = SummaryWriter(str(Path(workdir) / 'tb'), flush_secs=30)
     self._jsonl = open(Path(workdir) / 'scalars.jsonl', 'a', encoding='utf-8')
+    self.lines = len(read_scalars(workdir))  # records so far; a checkpoint remembers it
 
   def scalars(self, step: int, values: dict) -> None:
     values = {tag: float(v) for tag, v in values.items()}
@@ -44,6 +46,7 @@ class Writer:
       self._tb.add_scalar(tag, value, step)
     self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
     self._jsonl.flush()
+    self.lines += 1
 
   def close(self):
     self._tb.close()
@@ -60,6 +63,15 @@ def read_scalars(workdir: Path) -> list[dict]:
       except json.JSONDecodeError:
         continue
   return out
+
+
+def truncate_scalars(workdir: Path, records: int) -> None:
+  """Keeps the first ``records`` records of ``scalars.jsonl`` (on resume: drops what was logged
+  after the checkpoint, which the resumed run logs again)."""
+  path = Path(workdir) / 'scalars.jsonl'
+  if path.exists():
+    with atomic_open(path) as f:
+      f.writelines(json.dumps(r) + '\n' for r in read_scalars(workdir)[:records])
 
 
 class Progress:

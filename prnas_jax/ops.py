@@ -273,6 +273,17 @@ def pointwise(features: int, stride: int = 1, name: str = 'pw') -> nn.Conv:
                  name=name)
 
 
+class ReLUConvBN(nn.Module):
+  """ReLU -> 1x1 conv -> BatchNorm: the cells' input preprocessing."""
+  features: int
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = pointwise(self.features, name='conv')(nn.relu(x))
+    return batch_norm(self.affine)(x, use_running_average=not train)
+
+
 class SepUnit(nn.Module):
   """ReLU -> depthwise KxK -> pointwise 1x1 -> BatchNorm."""
   features: int

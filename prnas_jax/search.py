@@ -9,7 +9,6 @@ The last stage derives the genotype. Everything a run writes lands in its workdi
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from flax import traverse_util
 from ml_collections import config_flags
 
 from prnas_jax import cli, data, genotype, metrics, morph, space, steps, supernet
@@ -254,32 +252,13 @@ class Search:
                f'{len(ev["created"])}, failed morphs {ev["failed_morphs"]}')
 
 
-def _claim_workdir(workdir: Path, config, overwrite: bool) -> None:
-  """Records ``config`` in ``workdir``; refuses a workdir that holds a different run's config."""
-  path = workdir / 'config.json'
-  new = json.loads(json.dumps(config.to_dict()))
-  if path.exists() and not overwrite:
-    try:
-      old = json.loads(path.read_text())
-    except (OSError, ValueError):
-      old = None
-    if old != new:
-      flat_old = traverse_util.flatten_dict(old, sep='.') if isinstance(old, dict) else {}
-      flat_new = traverse_util.flatten_dict(new, sep='.')
-      diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
-      raise UserError(f'{workdir} holds a different run (config differs in {", ".join(diff[:3])}'
-                      f'{", ..." if len(diff) > 3 else ""}): use a new --workdir, or pass '
-                      '--overwrite to replace it')
-  write_json(path, new)
-
-
 def run(config, workdir, overwrite: bool = False) -> genotype.Genotype:
   """Validates ``config`` and runs the search into ``workdir`` (refused if ``workdir`` holds a
   different run, unless ``overwrite``)."""
   validate(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  _claim_workdir(workdir, config, overwrite)
+  cli.claim_workdir(workdir, config, overwrite)
   metrics.setup_logging(workdir)
   log.info(f'search into {workdir} on {jax.default_backend()}:\n{config}')
   return Search(config, workdir).run()

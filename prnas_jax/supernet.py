@@ -29,25 +29,16 @@ class CellLayout:
   channels: int
 
 
-def layouts(layers: int, channels: int) -> list[CellLayout]:
-  """Cells with reductions at ``layers//3`` and ``2*layers//3``; C doubles at each."""
-  out, c, prev = [], channels, False
+def layouts(layers: int, channels: int, reduction_prev: bool = False) -> list[CellLayout]:
+  """Cells with reductions at ``layers//3`` and ``2*layers//3``; C doubles at each.
+  ``reduction_prev``: the stem halves the resolution of c_{k-2} (the ImageNet stems)."""
+  out, c, prev = [], channels, reduction_prev
   for i in range(layers):
     red = i in (layers // 3, 2 * layers // 3)
     c = c * 2 if red else c
     out.append(CellLayout(red, prev, c))
     prev = red
   return out
-
-
-class ReLUConvBN(nn.Module):
-  features: int
-  affine: bool = False
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = ops.pointwise(self.features, name='conv')(nn.relu(x))
-    return ops.batch_norm(self.affine)(x, use_running_average=not train)
 
 
 class SearchPool(nn.Module):
@@ -101,8 +92,8 @@ class SearchCell(nn.Module):
     if self.layout.reduction_prev:
       s0 = ops.FactorizedReduce(c, name='pre0')(s0, train)
     else:
-      s0 = ReLUConvBN(c, name='pre0')(s0, train)
-    s1 = ReLUConvBN(c, name='pre1')(s1, train)
+      s0 = ops.ReLUConvBN(c, name='pre0')(s0, train)
+    s1 = ops.ReLUConvBN(c, name='pre1')(s1, train)
     states = [s0, s1]
     nodes = [0.0] * NODES
     for e, (node, j) in enumerate(edge_inputs()):

@@ -1,0 +1,124 @@
+"""The networks a genotype is retrained in (reference §8): the CIFAR network (3x3 stem, 20 cells,
+C=36) and the ImageNet mobile network (two stride-2 stems, 14 cells, C=48), both with an optional
+auxiliary head after the second reduction.
+
+Cells are built from the same candidate modules as the supernet (``ops.make_op``, affine BN).
+Drop-path multiplies every op output except the stride-1 identity by a per-sample Bernoulli mask
+(rng stream ``'drop_path'``); its rate is a traced argument, so the ramp never recompiles.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import traverse_util
+
+from prnas_jax import ops
+from prnas_jax.genotype import Entry, Genotype
+from prnas_jax.supernet import CellLayout, layouts
+
+STEMS = ('cifar', 'imagenet')
+
+
+def drop_path(x, rate, key):
+  """Zeroes whole samples with probability ``rate`` and rescales the rest by ``1/(1-rate)``."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0], 1, 1, 1))
+  return jnp.where(mask, x / keep, 0.0)
+
+
+class Cell(nn.Module):
+  """A genotype cell: each node sums its two ops; the output concatenates the ``concat`` nodes."""
+  entries: tuple[Entry, ...]
+  concat: tuple[int, ...]
+  layout: CellLayout
+  dw_form: str | None = None
+
+  @nn.compact
+  def __call__(self, s0, s1, train: bool, drop_rate=0.0):
+    c = self.layout.channels
+    if self.layout.reduction_prev:
+      s0 = ops.FactorizedReduce(c, affine=True, name='pre0')(s0, train)
+    else:
+      s0 = ops.ReLUConvBN(c, affine=True, name='pre0')(s0, train)
+    states = [s0, ops.ReLUConvBN(c, affine=True, name='pre1')(s1, train)]
+    for node in range(len(self.entries) // 2):
+      total = 0.0
+      for slot in range(2):
+        spec, j = self.entries[2 * node + slot]
+        stride = 2 if self.layout.reduction and j < 2 else 1
+        y = ops.make_op(spec, c, stride, affine=True, dw_form=self.dw_form,
+                        name=f'node{node}_{slot}')(states[j], train)
+        if train and not (isinstance(spec, ops.Skip) and stride == 1):
+          y = drop_path(y, drop_rate, self.make_rng('drop_path'))
+        total = total + y
+      states.append(total)
+    return jnp.concatenate([states[i] for i in self.concat], axis=-1)
+
+
+class AuxHead(nn.Module):
+  """ReLU, 5x5 average pool (no padding), 1x1 conv to 128, BN, ReLU, 2x2 conv to 768, BN, ReLU,
+  linear; on the 8x8 (CIFAR, pool stride 3) or 7x7 (ImageNet, stride 2) map after cell 2L/3."""
+  num_classes: int
+  pool_stride: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.avg_pool(nn.relu(x), (5, 5), (self.pool_stride,) * 2)
+    x = ops.pointwise(128, name='conv1')(x)
+    x = nn.relu(ops.batch_norm(True, 'bn1')(x, use_running_average=not train))
+    x = nn.Conv(768, (2, 2), padding='VALID', use_bias=False, name='conv2')(x)
+    x = nn.relu(ops.batch_norm(True, 'bn2')(x, use_running_average=not train))
+    return nn.Dense(self.num_classes, name='head')(x.reshape(x.shape[0], -1))
+
+
+class Network(nn.Module):
+  """A genotype stacked into ``layers`` cells; returns ``(logits, aux_logits)`` where the
+  auxiliary logits are None unless training with ``auxiliary``."""
+  genotype: Genotype
+  layers: int = 20
+  channels: int = 36
+  num_classes: int = 10
+  auxiliary: bool = True
+  stem: str = 'cifar'
+  stem_multiplier: int = 3
+  dw_form: str | None = None
+
+  def _conv_bn(self, x, features, stride, name, train):
+    x = nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)), use_bias=False,
+                name=name)(x)
+    return ops.batch_norm(True, f'{name}_bn')(x, use_running_average=not train)
+
+  @nn.compact
+  def __call__(self, x, train: bool, drop_rate=0.0):
+    c = self.channels
+    if self.stem == 'cifar':
+      s0 = s1 = self._conv_bn(x, self.stem_multiplier * c, 1, 'stem', train)
+    else:
+      s0 = self._conv_bn(nn.relu(self._conv_bn(x, c // 2, 2, 'stem0a', train)), c, 2, 'stem0b',
+                         train)
+      s1 = self._conv_bn(nn.relu(s0), c, 2, 'stem1', train)
+    aux = None
+    for i, layout in enumerate(layouts(self.layers, c, reduction_prev=self.stem != 'cifar')):
+      kind = 'reduce' if layout.reduction else 'normal'
+      cell = Cell(getattr(self.genotype, kind), getattr(self.genotype, f'{kind}_concat'), layout,
+                  self.dw_form, name=f'cell{i}')
+      s0, s1 = s1, cell(s0, s1, train, drop_rate)
+      if i == 2 * self.layers // 3 and self.auxiliary and train:
+        aux = AuxHead(self.num_classes, 3 if self.stem == 'cifar' else 2, name='aux')(s1, train)
+    logits = nn.Dense(self.num_classes, name='head')(jnp.mean(s1, axis=(1, 2)))
+    return logits, aux
+
+
+def param_count(params) -> int:
+  """The number of parameters outside the auxiliary head (the papers' figure)."""
+  flat = traverse_util.flatten_dict(params)
+  return sum(int(v.size) for k, v in flat.items() if k[0] != 'aux')
+
+
+def variable_shapes(net: Network, image_shape) -> dict:
+  """Shapes of ``net``'s variables (training mode, so the auxiliary head is included), without
+  running or compiling anything."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  rngs = {'params': jax.random.key(0), 'drop_path': jax.random.key(1)}
+  return jax.eval_shape(lambda r, x: net.init(r, x, train=True), rngs, x)
