@@ -21,8 +21,30 @@ def _parse_flags(argv):
     sys.exit(f'error: unknown config key {bad.group(1) if bad else text!r}'
              f'{" in " + where[0] if where else ""}: '
              f'{"did you mean " + hint.group(1) + "?" if hint else "check the config file"}')
+  except flags.IllegalFlagValueError as e:
+    sys.exit(f'error: {_bad_value(str(e))}')
   except flags.Error as e:
     sys.exit(f'error: {e}')
+
+
+_KINDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false', 'tuple': 'a tuple'}
+
+
+def _bad_value(text: str) -> str:
+  """absl's 'flag --NAME=VALUE: reason' as what NAME takes, with the config's value as example."""
+  m = re.match(r'flag --([\w.]+)=(.*?): ', text)
+  if not (m and m.group(1) in flags.FLAGS):
+    return text
+  flag = flags.FLAGS[m.group(1)]
+  kind = _KINDS.get(flag.parser.flag_type())
+  if not kind:
+    return text
+  value = flag.default
+  if isinstance(value, (list, tuple)):
+    value = f"'{tuple(value)}'"
+  elif isinstance(value, bool):
+    value = str(value).lower()
+  return f'--{m.group(1)}={m.group(2)} is not {kind}: give {kind}, e.g. --{m.group(1)}={value}'
 
 
 def run(main) -> None:
