@@ -2,6 +2,7 @@
 errors for bad overrides, and UserErrors reported as one line instead of a traceback."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -11,6 +12,7 @@ from prnas_jax.errors import UserError
 
 
 def _parse_flags(argv):
+  _check_config_files(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
@@ -25,6 +27,20 @@ def _parse_flags(argv):
     sys.exit(f'error: {_bad_value(str(e))}')
   except flags.Error as e:
     sys.exit(f'error: {e}')
+
+
+def _check_config_files(argv) -> None:
+  """Exits with one line if ``--config`` names no file (ml_collections would defer the failure to
+  the first use of the config, as a traceback)."""
+  for flag, value in zip(argv, argv[1:] + ['']):
+    if flag.startswith('--config='):
+      value = flag.split('=', 1)[1]
+    elif flag != '--config':
+      continue
+    path = value.split(':')[0]  # 'file.py:arg' passes arg to get_config
+    if not os.path.isfile(path):
+      sys.exit(f'error: config file {path!r} does not exist: pass a config file, e.g. '
+               '--config configs/tiny.py')
 
 
 _KINDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false', 'tuple': 'a tuple'}

@@ -296,6 +296,8 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a different run in -
 
 
 def main():
+  if _CONFIG.value is None:
+    raise UserError('--config is required: pass a config file, e.g. --config configs/tiny.py')
   if not _WORKDIR.value:
     raise UserError('--workdir is required: pass --workdir DIR')
   run(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
