@@ -52,7 +52,13 @@ def _images(root, sizes=((8, 8),) * 8):
   return root
 
 
-def _load_folder(root):
+def _load_folder(root, mkdir='', broken=''):
+  """``load_split`` of ``root`` after making the folder ``root/mkdir`` and writing a file
+  ``root/broken`` that is no image."""
+  if mkdir:
+    (root / mkdir).mkdir(parents=True)
+  if broken:
+    (root / broken).write_bytes(b'not a png')
   cfg = search_config().data
   cfg.dataset, cfg.folder = 'folder', str(root)
   return _raises(data.load_split, cfg, 'train')
@@ -66,6 +72,13 @@ def _genotype(tmp, edit):
   path = tmp / 'g.json'
   path.write_text(text if isinstance(text, str) else json.dumps(obj))
   return _raises(genotype.load, str(path))
+
+
+def _replace(cell, n, entry):
+  """An edit for ``_genotype``: entry ``n`` of ``cell`` becomes ``entry``."""
+  def edit(obj):
+    obj[cell][n] = entry
+  return edit
 
 
 def _diverge(tmp):
@@ -99,21 +112,19 @@ ROWS = {
     'genotype not JSON': lambda t: _genotype(t, lambda g: '{"normal": ['),
     'genotype of the wrong shape': lambda t: _genotype(t, lambda g: g.pop('reduce')),
     'genotype entry of the wrong shape': lambda t: _genotype(
-        t, lambda g: g['normal'].__setitem__(0, ['sep_conv_3x3'])),
+        t, _replace('normal', 0, ['sep_conv_3x3'])),
     'unknown op (candidate name)': lambda t: _genotype(
-        t, lambda g: g['normal'].__setitem__(0, ['sep_conv_3x5', 0])),
+        t, _replace('normal', 0, ['sep_conv_3x5', 0])),
     'a node without two inputs': lambda t: _genotype(t, lambda g: g['normal'].pop()),
     'an input that does not exist': lambda t: _genotype(
-        t, lambda g: g['reduce'].__setitem__(0, ['max_pool_3x3', 3])),
+        t, _replace('reduce', 0, ['max_pool_3x3', 3])),
     'data folder missing': lambda t: _search(
         t, '--config.data.dataset=folder', f'--config.data.folder={t}/missing'),
     'data folder without the split': lambda t: _load_folder(t),
-    'split without class folders': lambda t: _load_folder((t / 'train').mkdir() or t),
-    'class folders without images': lambda t: _load_folder(
-        (t / 'train' / 'a').mkdir(parents=True) or t),
+    'split without class folders': lambda t: _load_folder(t, mkdir='train'),
+    'class folders without images': lambda t: _load_folder(t, mkdir='train/a'),
     'mixed image sizes': lambda t: _load_folder(_images(t, [(8, 8), (8, 8), (9, 8), (8, 8)])),
-    'unreadable image': lambda t: _load_folder(
-        (_images(t) / 'train' / 'a' / 'broken.png').write_bytes(b'not a png') and t),
+    'unreadable image': lambda t: _load_folder(_images(t), broken='train/a/broken.png'),
     'tfds data not prepared (offline)': lambda t: _search(
         t, f'--config.data.tfds_data_dir={t}/tfds'),
     'batch larger than the split': lambda t: _search(
