@@ -3,6 +3,7 @@ bad overrides, UserErrors reported as one line instead of a traceback, and the w
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -16,6 +17,7 @@ from prnas_jax.files import write_json
 
 
 def _parse_flags(argv):
+  _check_config_files(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
@@ -26,8 +28,44 @@ def _parse_flags(argv):
     sys.exit(f'error: unknown config key {bad.group(1) if bad else text!r}'
              f'{" in " + where[0] if where else ""}: '
              f'{"did you mean " + hint.group(1) + "?" if hint else "check the config file"}')
+  except flags.IllegalFlagValueError as e:
+    sys.exit(f'error: {_bad_value(str(e))}')
   except flags.Error as e:
     sys.exit(f'error: {e}')
+
+
+def _check_config_files(argv) -> None:
+  """Exits with one line if ``--config`` names no file (ml_collections would defer the failure to
+  the first use of the config, as a traceback)."""
+  for flag, value in zip(argv, argv[1:] + ['']):
+    if flag.startswith('--config='):
+      value = flag.split('=', 1)[1]
+    elif flag != '--config':
+      continue
+    path = value.split(':')[0]  # 'file.py:arg' passes arg to get_config
+    if not os.path.isfile(path):
+      sys.exit(f'error: config file {path!r} does not exist: pass a config file, e.g. '
+               '--config configs/tiny.py')
+
+
+_KINDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false', 'tuple': 'a tuple'}
+
+
+def _bad_value(text: str) -> str:
+  """absl's 'flag --NAME=VALUE: reason' as what NAME takes, with the config's value as example."""
+  m = re.match(r'flag --([\w.]+)=(.*?): ', text)
+  if not (m and m.group(1) in flags.FLAGS):
+    return text
+  flag = flags.FLAGS[m.group(1)]
+  kind = _KINDS.get(flag.parser.flag_type())
+  if not kind:
+    return text
+  value = flag.default
+  if isinstance(value, (list, tuple)):
+    value = f"'{tuple(value)}'"
+  elif isinstance(value, bool):
+    value = str(value).lower()
+  return f'--{m.group(1)}={m.group(2)} is not {kind}: give {kind}, e.g. --{m.group(1)}={value}'
 
 
 def run(main) -> None:

@@ -77,17 +77,23 @@ def validate(config) -> None:
   ops.start_set(s.start)
   morph.get_preset(s.preset)
   stages = s.stages
-  lengths = {k: len(stages[k]) for k in STAGE_KEYS}
-  if len(set(lengths.values())) != 1:
-    raise UserError(f'search.stages lists differ in length ({lengths}): give every list one '
-                    'entry per stage')
-  n = lengths['epochs']
-  if n == 0:
-    raise UserError('search.stages has no stage: give at least one entry per list')
   for key in STAGE_KEYS:
+    rate = key == 'skip_dropout'
     for i, v in enumerate(stages[key]):
+      if isinstance(v, bool) or not isinstance(v, (int, float) if rate else int):
+        kind, example = ('a number', '(0.0, 0.1, 0.2)') if rate else ('an integer', '(4, 3, 1)')
+        raise UserError(f'search.stages.{key}[{i}] = {v!r} is not {kind}: give a tuple with one '
+                        f"entry per stage, e.g. --config.search.stages.{key}='{example}'")
       if v < 0:
         raise UserError(f'search.stages.{key}[{i}] = {v} is negative: use a value >= 0')
+  n = len(stages.epochs)
+  for key in STAGE_KEYS:
+    if len(stages[key]) != n:
+      raise UserError(f'search.stages.{key} has {len(stages[key])} entries but '
+                      f'search.stages.epochs has {n}: give every list in search.stages one entry '
+                      'per stage')
+  if n == 0:
+    raise UserError('search.stages has no stage: give at least one entry per list')
   for i in range(n):
     if stages.keep[i] < 1:
       raise UserError(f'search.stages.keep[{i}] = 0: keep at least 1 candidate per edge')

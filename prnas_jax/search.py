@@ -190,19 +190,24 @@ class Search:
                                  s.batch_size)[:self.steps_per_epoch]
       t0 = time.perf_counter()
       sums = {'loss': 0.0, 'accuracy': 0.0}
+      losses = []  # per step, on device: fetched once at the end of the epoch
       for n in range(self.steps_per_epoch):
         self.key, k = jax.random.split(self.key)
         state, m = steps.search_step(update, state, batch(self.splits.weights, w_idx[n]),
                                      batch(self.splits.alphas, a_idx[n]), e >= grace, lr, drop, k)
         sums = {name: sums[name] + m[name] for name in sums}
+        losses.append(m['loss'])
         self.progress.update(f'stage {i} epoch {e + 1}/{epochs}', n + 1, self.steps_per_epoch,
                              s.batch_size, lambda: {'loss': float(sums['loss']) / (n + 1)})
       train = {name: float(v) / self.steps_per_epoch for name, v in sums.items()}
       seconds = time.perf_counter() - t0
       train_s += seconds
-      if not np.isfinite(train['loss']):
-        raise UserError(f'the training loss became {train["loss"]} in stage {i}, epoch {e}: '
-                        'lower search.lr or search.alpha_lr, or check the data')
+      losses = np.asarray(jax.device_get(losses))
+      if not np.isfinite(losses).all():
+        n = int(np.argmin(np.isfinite(losses)))
+        raise UserError(f'the training loss became {losses[n]} in stage {i} epoch {e + 1}/{epochs} '
+                        f'step {n + 1}/{self.steps_per_epoch}: lower search.lr ({s.lr}) or '
+                        f'search.alpha_lr ({s.alpha_lr}), or check the data')
       scalars = {'train/loss': train['loss'], 'train/accuracy': train['accuracy'],
                  'epoch/lr': lr,
                  'epoch/seconds': seconds, 'epoch/skip_dropout': drop,
@@ -270,6 +275,8 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a different run in -
 
 
 def main():
+  if _CONFIG.value is None:
+    raise UserError('--config is required: pass a config file, e.g. --config configs/tiny.py')
   if not _WORKDIR.value:
     raise UserError('--workdir is required: pass --workdir DIR')
   run(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)

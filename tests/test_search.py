@@ -53,7 +53,7 @@ def _bad(mutate):
 
 
 def test_validation_names_the_key_and_the_fix():
-  assert 'search.stages lists differ in length' in _bad(
+  assert 'search.stages.keep has 2 entries but search.stages.epochs has 3' in _bad(
       lambda c: setattr(c.search.stages, 'keep', (4, 1)))
   assert 'keep[0] = 1 is less than search.stages.new[0] = 2' in _bad(
       lambda c: setattr(c.search.stages, 'keep', (1, 3, 1)))
@@ -81,7 +81,7 @@ def test_bad_overrides_are_one_line():
   out = _cli('--config.search.stages.keep=(4, 1)')  # stage lists are tuples: overridable
   assert out.returncode != 0 and 'Traceback' not in out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith(
-      'error: search.stages lists differ in length')
+      'error: search.stages.keep has 2 entries but')
 
 
 def _probs(sp, values):

@@ -1,0 +1,165 @@
+"""Bad input: every row of docs/errors.md is produced here and compared with the line the table
+shows (``DIR`` stands for the test's temporary folder, ``...`` for any text). Entry-point rows run
+``python -m prnas_jax.search`` and check that the error is its only ``error:`` line."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from prnas_jax import data, genotype, ops, search
+from prnas_jax.config import search_config
+from prnas_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / 'docs' / 'errors.md'
+
+
+@pytest.fixture(autouse=True)
+def _private_user_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))  # never the real ~/.cache
+
+
+def _search(tmp, *overrides, config=('--config', 'configs/tiny.py')):
+  """The last stderr line of a failing search run with ``overrides`` of configs/tiny.py."""
+  cmd = [sys.executable, '-m', 'prnas_jax.search', *config, '--workdir', str(tmp / 'run'),
+         *overrides]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XDG_CACHE_HOME': str(tmp / 'xdg')}
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr
+  assert [line for line in lines if line.startswith('error:')] == lines[-1:], out.stderr
+  return lines[-1]
+
+
+def _raises(fn, *args):
+  """The line an entry point prints for the UserError of ``fn(*args)``."""
+  with pytest.raises(UserError) as info:
+    fn(*args)
+  return f'error: {info.value}'
+
+
+def _images(root, sizes=((8, 8),) * 8):
+  """``root/train/<a|b>/<i>.png``, classes alternating; returns ``root``."""
+  for i, size in enumerate(sizes):
+    path = root / 'train' / 'ab'[i % 2] / f'{i}.png'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', size, (30 * i, 60, 90)).save(path)
+  return root
+
+
+def _load_folder(root, mkdir='', broken=''):
+  """``load_split`` of ``root`` after making the folder ``root/mkdir`` and writing a file
+  ``root/broken`` that is no image."""
+  if mkdir:
+    (root / mkdir).mkdir(parents=True)
+  if broken:
+    (root / broken).write_bytes(b'not a png')
+  cfg = search_config().data
+  cfg.dataset, cfg.folder = 'folder', str(root)
+  return _raises(data.load_split, cfg, 'train')
+
+
+def _genotype(tmp, edit):
+  """``genotype.load`` of DARTS_V1 in DARTS names after ``edit(obj)``, written as JSON (or the
+  text ``edit`` returns, if a string)."""
+  obj = genotype.load('DARTS_V1').to_darts()
+  text = edit(obj)
+  path = tmp / 'g.json'
+  path.write_text(text if isinstance(text, str) else json.dumps(obj))
+  return _raises(genotype.load, str(path))
+
+
+def _replace(cell, n, entry):
+  """An edit for ``_genotype``: entry ``n`` of ``cell`` becomes ``entry``."""
+  def edit(obj):
+    obj[cell][n] = entry
+  return edit
+
+
+def _diverge(tmp):
+  """A one-stage search on 16 images of 8x8 with search.lr = 1e30: one compile, kept short by a
+  start set of one candidate (skip) per edge."""
+  config = search_config()
+  config.data.dataset, config.data.folder = 'folder', str(_images(tmp / 'ds', [(8, 8)] * 16))
+  s = config.search
+  s.layers, s.init_channels, s.batch_size, s.valid_epochs, s.lr = 3, 2, 2, 0, 1e30
+  s.stages.epochs, s.stages.grace_epochs, s.stages.keep, s.stages.new = (1,), (0,), (1,), (0,)
+  s.stages.add_layers, s.stages.add_width, s.stages.skip_dropout = (0,), (0,), (0.0,)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(ops.START_SETS, 'skip', (ops.Skip(),))
+    s.start = 'skip'
+    return _raises(search.run, config, tmp / 'run')
+
+
+ROWS = {
+    'config file missing': lambda t: _search(t, config=('--config', 'configs/tiyn.py')),
+    'no config file': lambda t: _search(t, config=()),
+    'misspelled config key': lambda t: _search(t, '--config.search.lyers=3'),
+    'wrong type (integer)': lambda t: _search(t, '--config.search.layers=abc'),
+    'wrong type (number)': lambda t: _search(t, '--config.search.lr=fast'),
+    'wrong type (true or false)': lambda t: _search(t, '--config.search.keep_morphable=maybe'),
+    'wrong type (stage list)': lambda t: _search(t, "--config.search.stages.keep=(4, 2.5, 1)"),
+    'stage lists of different lengths': lambda t: _search(t, '--config.search.stages.keep=(4, 1)'),
+    'keep < new': lambda t: _search(t, '--config.search.stages.keep=(1, 3, 1)'),
+    'unknown start set': lambda t: _search(t, '--config.search.start=prdarts6'),
+    'unknown preset': lambda t: _search(t, '--config.search.preset=dartslike'),
+    'genotype file missing': lambda t: _raises(genotype.load, str(t / 'nope.json')),
+    'genotype not JSON': lambda t: _genotype(t, lambda g: '{"normal": ['),
+    'genotype of the wrong shape': lambda t: _genotype(t, lambda g: g.pop('reduce')),
+    'genotype entry of the wrong shape': lambda t: _genotype(
+        t, _replace('normal', 0, ['sep_conv_3x3'])),
+    'unknown op (candidate name)': lambda t: _genotype(
+        t, _replace('normal', 0, ['sep_conv_3x5', 0])),
+    'a node without two inputs': lambda t: _genotype(t, lambda g: g['normal'].pop()),
+    'an input that does not exist': lambda t: _genotype(
+        t, _replace('reduce', 0, ['max_pool_3x3', 3])),
+    'data folder missing': lambda t: _search(
+        t, '--config.data.dataset=folder', f'--config.data.folder={t}/missing'),
+    'data folder without the split': lambda t: _load_folder(t),
+    'split without class folders': lambda t: _load_folder(t, mkdir='train'),
+    'class folders without images': lambda t: _load_folder(t, mkdir='train/a'),
+    'mixed image sizes': lambda t: _load_folder(_images(t, [(8, 8), (8, 8), (9, 8), (8, 8)])),
+    'unreadable image': lambda t: _load_folder(_images(t), broken='train/a/broken.png'),
+    'tfds data not prepared (offline)': lambda t: _search(
+        t, f'--config.data.tfds_data_dir={t}/tfds'),
+    'batch larger than the split': lambda t: _search(
+        t, '--config.data.dataset=folder', f'--config.data.folder={_images(t / "ds")}'),
+    'NaN or inf loss': _diverge,
+}
+
+
+def _table() -> dict[str, str]:
+  """``{bad input: the line it produces}`` from the table in docs/errors.md."""
+  rows = {}
+  for line in TABLE.read_text().splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split(' | ')]
+    if line.startswith('| ') and len(cells) == 3 and cells[2].startswith('`error:'):
+      rows[cells[0]] = cells[2].strip('`').strip()
+  return rows
+
+
+def test_every_row_is_in_the_table():
+  assert sorted(_table()) == sorted(ROWS)
+
+
+@pytest.mark.parametrize('row', ROWS)
+def test_row(row, tmp_path):
+  line = ROWS[row](tmp_path).replace(str(tmp_path), 'DIR')
+  assert '\n' not in line
+  shown = _table()[row]
+  pattern = '.*'.join(re.escape(part) for part in shown.split('...'))
+  assert re.fullmatch(pattern, line), f'docs/errors.md shows\n  {shown}\nthe code gives\n  {line}'
+
+
+def test_no_code_executing_formats():
+  """User files are read as JSON, images and .npz without pickles; nothing is eval'd."""
+  for path in (ROOT / 'prnas_jax').glob('*.py'):
+    text = path.read_text()
+    assert not re.search(r'\b(c?pickle|dill|marshal|shelve|joblib|torch|yaml)\b|\b(eval|exec)\(',
+                         text), path
+    assert not re.search(r'\bnp\.load\((?![^)]*allow_pickle=False)', text), path
