@@ -210,6 +210,9 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a different run in -
 
 def main():
   config = _CONFIG.value
+  if config is None:
+    raise UserError('--config is required: pass a config file, e.g. --config '
+                    'configs/train_cifar.py')
   if config.epochs == 0:
     print(f'params: {count_params(config)}')
     return
