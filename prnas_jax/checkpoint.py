@@ -39,9 +39,10 @@ class Checkpoints:
                       ' free disk space and rerun the same command to resume from the last '
                       'complete checkpoint') from e
 
-  def restore(self, step: int, template):
+  def restore(self, step: int, template=None):
     """``(state, record)`` of checkpoint ``step``; ``state`` takes the structure, shapes and
-    dtypes of ``template`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    dtypes of ``template`` (arrays or ``jax.ShapeDtypeStruct``), or without one the saved
+    structure as nested dicts of arrays."""
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template), record=ocp.args.JsonRestore()))
     return out['state'], out['record']

@@ -74,19 +74,22 @@ class Training:
     variables = init(self.init_key, jnp.zeros((1, *self.train['image'].shape[1:]), jnp.float32))
     return steps.create_train_state(variables, self.cfg)
 
-  def resume(self, state):
-    """The newest checkpoint's state and record, or ``state`` and a fresh record."""
+  def resume(self):
+    """The newest checkpoint's state and record, or a fresh state and record."""
     step = self.checkpoints.latest()
     if step is None:
-      return state, {'epoch': 0, 'history': [], 'scalars_lines': 0}
-    state, record = self.checkpoints.restore(step, jax.eval_shape(lambda: state))
+      return self.initial_state(), {'epoch': 0, 'history': [], 'scalars_lines': 0}
+    state, record = self.checkpoints.restore(step, jax.eval_shape(self.initial_state))
     metrics.truncate_scalars(self.workdir, record['scalars_lines'])
     log.info(f'resuming after epoch {record["epoch"]} from {self.checkpoints.directory / str(step)}')
     return state, record
 
   def run(self) -> dict:
     c = self.config
-    state, record = self.resume(self.initial_state())
+    state, record = self.resume()
+    if record['epoch'] == c.epochs:
+      self.checkpoints.close()
+      return self.results(record)
     writer = metrics.Writer(self.workdir)
     progress = metrics.Progress((c.epochs - record['epoch']) * self.steps_per_epoch, c.log_every)
     t0 = time.perf_counter()

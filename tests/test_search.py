@@ -15,7 +15,6 @@ from prnas_jax.errors import UserError
 from prnas_jax.ops import Conv, Pool, Skip
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 
 
 def _load(name):
@@ -143,17 +142,6 @@ def test_derive_on_hand_made_probabilities():
 
 
 # ------------------------------------------------------------------------------ end to end
-
-
-@pytest.fixture(scope='module')
-def cifar_subset(tmp_path_factory):
-  """300 training and 100 test images per class from the shared CIFAR-10 copy."""
-  if not CIFAR.exists():
-    pytest.skip(f'{CIFAR} is missing')
-  dest = tmp_path_factory.mktemp('cifar10')
-  subprocess.run(['tar', '-xzf', str(CIFAR), '-C', str(dest), '--wildcards',
-                  'train/*/0[0-2]??.jpg', 'test/*/00??.jpg'], check=True)
-  return dest
 
 
 @pytest.fixture(scope='module')
