@@ -1,5 +1,6 @@
-"""Entry-point plumbing shared by ``search`` (and later ``train``): flags parsed with one-line
-errors for bad overrides, and UserErrors reported as one line instead of a traceback."""
+"""Entry-point plumbing shared by ``search``, ``visualize`` and ``report``: flags parsed with
+one-line errors for bad overrides, positional arguments counted, and UserErrors reported as one
+line instead of a traceback."""
 from __future__ import annotations
 
 import re
@@ -8,6 +9,7 @@ import sys
 from absl import app, flags
 
 from prnas_jax.errors import UserError
+from prnas_jax.pictures import FORMATS
 
 
 def _parse_flags(argv):
@@ -25,13 +27,24 @@ def _parse_flags(argv):
     sys.exit(f'error: {e}')
 
 
-def run(main) -> None:
-  """``absl.app.run(main)`` with one-line errors for bad flags and for ``UserError``."""
+def run(main, args: tuple[str, ...] = ()) -> None:
+  """``absl.app.run(main)`` with one-line errors for bad flags and for ``UserError``.
+
+  ``args`` names the positional arguments (e.g. ``('WORKDIR',)``); ``main`` gets them in order.
+  """
   def guarded(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    given = argv[1:]
+    if len(given) != len(args):
+      want = ' '.join(args) or 'no arguments'
+      sys.exit(f'error: expected {want}, got {given or "none"}: see --help')
     try:
-      main()
+      main(*given)
     except UserError as e:
       sys.exit(f'error: {e}')
   app.run(guarded, flags_parser=_parse_flags)
+
+
+def picture_flags(out_help: str, default_out: str | None = None):
+  """``--out`` and ``--format`` of the picture entry points (visualize, report)."""
+  return (flags.DEFINE_string('out', default_out, out_help),
+          flags.DEFINE_enum('format', 'png', FORMATS, 'Picture file format.'))
