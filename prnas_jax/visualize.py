@@ -83,7 +83,8 @@ class _Router:
       for n, rect in enumerate(spots):
         extra = 0.0 if rect is None else (
             20 * sum(_overlap(rect, r) for r in [*self.labels, *self.boxes.values()])
-            / (size[0] * size[1]) + 0.3 * sum(_hits(c, rect + _MARGIN) for c in self.curves) + 0.1 * n)
+            / (size[0] * size[1]) + 0.3 * sum(_hits(c, rect + _MARGIN) for c in self.curves)
+            + 0.1 * n)
         if best is None or cost + extra < best[0]:
           best = (cost + extra, rad, rect, points)
     _, rad, rect, points = best
