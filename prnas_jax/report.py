@@ -22,6 +22,7 @@ from prnas_jax.errors import UserError
 CELLS = {'normal': 'normal cell', 'reduce': 'reduction cell'}
 FAMILIES = {'conv': 'tab:blue', 'pool': 'tab:orange', 'skip': 'tab:green', 'none': 'tab:grey'}
 _EPOCH_TAGS = ('train/', 'valid/', 'epoch/')
+_LAST = {'marker': 'o', 'markevery': slice(-1, None), 'clip_on': False}  # marks the final (or current) pool
 
 
 class Logs:
@@ -86,7 +87,7 @@ def draw_progress(logs: Logs, title: str = ''):
     per_edge = [logs.stage_series(t) for t in logs.edges(kind, '/candidates')]
     if per_edge:
       x, counts = per_edge[0][0], np.stack([v for _, v in per_edge])
-      ax.plot(x, counts.mean(0), drawstyle='steps-post', color=colour, lw=lw,
+      ax.plot(x, counts.mean(0), drawstyle='steps-post', color=colour, lw=lw, **_LAST,
               label=f'{kind}: mean (band: min-max)')
       ax.fill_between(x, counts.min(0), counts.max(0), step='post', color=colour, alpha=0.2)
   ax.plot(*logs.stage_series('stage/new'), 'k--', drawstyle='steps-post',
@@ -101,7 +102,7 @@ def draw_progress(logs: Logs, title: str = ''):
   ax = axes[3]
   for kind, colour, lw in zip(CELLS, ('tab:blue', 'tab:red'), (3, 1.5)):
     ax.plot(*logs.stage_series(f'switches_{kind}_similarity/avg'), drawstyle='steps-post',
-            color=colour, lw=lw, label=kind)
+            color=colour, lw=lw, label=kind, **_LAST)
   ax.set(title='average op similarity per edge', ylim=(0, 1.05))
   for ax, (kind, name) in zip(axes[4:], CELLS.items()):
     below = None
@@ -186,7 +187,7 @@ def draw_pool(records: list[dict], title: str = ''):
     for (parent, child), count in links.items():
       forward = column[child] > column[parent]
       half = np.array([box[0] / 2, 0])
-      ax.add_patch(FancyArrowPatch(
+      ax.add_artist(FancyArrowPatch(
           tuple(centres[parent] + half), tuple(centres[child] - half),
           connectionstyle=f'arc3,rad={0 if forward else 0.3}', arrowstyle='-|>',
           mutation_scale=10, lw=0.5 + 2.5 * count / most, color='black', alpha=0.6, zorder=3))

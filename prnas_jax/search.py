@@ -20,7 +20,7 @@ from absl import flags
 from flax import traverse_util
 from ml_collections import config_flags
 
-from prnas_jax import cli, data, genotype, metrics, morph, space, steps, supernet
+from prnas_jax import cli, data, genotype, metrics, morph, report, space, steps, supernet
 from prnas_jax.config import STAGE_KEYS, validate
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -137,6 +137,7 @@ class Search:
       write_json(self.workdir / 'genotype_darts.json', darts)
     log.info(f'genotype: {genotype.dumps(geno)}')
     self.writer.close()
+    log.info(f'pictures: {", ".join(p.name for p in report.draw_run(self.workdir))}')
     return geno
 
   def build_stage(self, i: int, previous):

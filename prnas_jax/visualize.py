@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+from matplotlib.path import Path as MplPath
 
 from prnas_jax import cli, genotype, pictures
 from prnas_jax.genotype import Genotype
@@ -38,12 +39,28 @@ def _centres(nodes: int) -> dict[int, np.ndarray]:
   return {n: np.array(c) for n, c in out.items()}
 
 
-def _curve(a, b, rad, t=_SAMPLES) -> np.ndarray:
-  """Points at fractions ``t`` of matplotlib's ``arc3,rad=rad`` curve from ``a`` to ``b``."""
+def _control(a, b, rad) -> np.ndarray:
+  """The control point of matplotlib's ``arc3,rad=rad`` curve (a quadratic Bezier) from a to b."""
   d = b - a
-  control = (a + b) / 2 + rad * np.array([d[1], -d[0]])
+  return (a + b) / 2 + rad * np.array([d[1], -d[0]])
+
+
+def _curve(a, b, rad, t=_SAMPLES) -> np.ndarray:
+  """Points at fractions ``t`` of the ``arc3,rad=rad`` curve from ``a`` to ``b``."""
   t = np.asarray(t)[:, None]
-  return (1 - t) ** 2 * a + 2 * (1 - t) * t * control + t ** 2 * b
+  return (1 - t) ** 2 * a + 2 * (1 - t) * t * _control(a, b, rad) + t ** 2 * b
+
+
+def _arrow_path(a, b, rad) -> MplPath:
+  """The ``arc3`` curve between the boxes centred at ``a`` and ``b``, cut at the boxes' borders
+  (cheaper to draw than clipping to patches)."""
+  points = _curve(a, b, rad)
+  inside = [np.all(np.abs(points - c) <= _BOX / 2, axis=1) for c in (a, b)]
+  t0, t1 = _SAMPLES[~(inside[0] | inside[1])][[0, -1]]
+  c = _control(a, b, rad)
+  middle = (1 - t0) * (1 - t1) * a + ((1 - t0) * t1 + t0 * (1 - t1)) * c + t0 * t1 * b
+  start, end = _curve(a, b, rad, [t0, t1])
+  return MplPath([start, middle, end], [MplPath.MOVETO, MplPath.CURVE3, MplPath.CURVE3])
 
 
 def _rect(centre, size) -> np.ndarray:
@@ -103,12 +120,10 @@ def draw_cell(geno: Genotype, cell: str, title: str = ''):
   ax = fig.add_axes((0, 0, 1, 1))
   ax.set_axis_off()
   names = {0: '$c_{k-2}$', 1: '$c_{k-1}$', nodes + 2: '$c_{k}$'}
-  patches = {}
   for n, centre in centres.items():
     kind = 'input' if n < 2 else 'output' if n == nodes + 2 else 'node'
-    patches[n] = FancyBboxPatch(tuple(centre - _BOX / 2), *_BOX, boxstyle='round,pad=0.02',
-                                fc=COLOURS[kind], ec='black', lw=1, zorder=3)
-    ax.add_patch(patches[n])
+    ax.add_patch(FancyBboxPatch(tuple(centre - _BOX / 2), *_BOX, boxstyle='round,pad=0.02',
+                                fc=COLOURS[kind], ec='black', lw=1, zorder=3))
     ax.text(*centre, names.get(n, str(n - 2)), ha='center', va='center', fontsize=12, zorder=4)
 
   renderer = fig.canvas.get_renderer()
@@ -127,10 +142,9 @@ def draw_cell(geno: Genotype, cell: str, title: str = ''):
     rad, rect = router.place(src, dst, size)
     if rect is not None:
       text.set_position((rect[:2] + rect[2:]) / 2)
-    ax.add_patch(FancyArrowPatch(
-        tuple(centres[src]), tuple(centres[dst]), connectionstyle=f'arc3,rad={rad}',
-        arrowstyle='-|>', mutation_scale=12, patchA=patches[src], patchB=patches[dst],
-        color=colour, lw=1.2, zorder=2))
+    ax.add_artist(FancyArrowPatch(path=_arrow_path(centres[src], centres[dst], rad),
+                                  arrowstyle='-|>', mutation_scale=12, color=colour, lw=1.2,
+                                  zorder=2))
 
   rects = [*router.boxes.values(), *router.labels]
   points = np.concatenate([*router.curves, *(r.reshape(2, 2) for r in rects)])
