@@ -22,7 +22,8 @@ from prnas_jax.errors import UserError
 CELLS = {'normal': 'normal cell', 'reduce': 'reduction cell'}
 FAMILIES = {'conv': 'tab:blue', 'pool': 'tab:orange', 'skip': 'tab:green', 'none': 'tab:grey'}
 _EPOCH_TAGS = ('train/', 'valid/', 'epoch/')
-_LAST = {'marker': 'o', 'markevery': slice(-1, None), 'clip_on': False}  # marks the final (or current) pool
+# a dot on the last value of a per-stage series: the final (or the current) pool
+_LAST = {'marker': 'o', 'markevery': slice(-1, None), 'clip_on': False}
 
 
 class Logs:
