@@ -215,7 +215,8 @@ def draw_run(workdir, out_dir=None, fmt: str = 'png') -> list[Path]:
     paths.append(pictures.save(draw_pool(records, f'{title}: candidate pool'),
                                out_dir / f'pool.{fmt}'))
   if (workdir / 'genotype.json').is_file():
-    paths += visualize.draw_cells(genotype.load(workdir / 'genotype.json'), out_dir, fmt)
+    paths += visualize.draw_cells(genotype.load(workdir / 'genotype.json'), out_dir, fmt,
+                                  name=f'search {workdir.resolve().name}:')
   return paths
 
 
