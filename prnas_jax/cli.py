@@ -1,5 +1,6 @@
-"""Entry-point plumbing shared by ``search`` and ``train``: flags parsed with one-line errors for
-bad overrides, UserErrors reported as one line instead of a traceback, and the workdir claim."""
+"""Entry-point plumbing shared by ``search``, ``train``, ``visualize`` and ``report``: flags
+parsed with one-line errors for bad overrides, positional arguments counted, UserErrors reported
+as one line instead of a traceback, and the workdir claim."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from flax import traverse_util
 
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
+from prnas_jax.pictures import FORMATS
 
 
 def _parse_flags(argv):
@@ -68,13 +70,18 @@ def _bad_value(text: str) -> str:
   return f'--{m.group(1)}={m.group(2)} is not {kind}: give {kind}, e.g. --{m.group(1)}={value}'
 
 
-def run(main) -> None:
-  """``absl.app.run(main)`` with one-line errors for bad flags and for ``UserError``."""
+def run(main, args: tuple[str, ...] = ()) -> None:
+  """``absl.app.run(main)`` with one-line errors for bad flags and for ``UserError``.
+
+  ``args`` names the positional arguments (e.g. ``('WORKDIR',)``); ``main`` gets them in order.
+  """
   def guarded(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    given = argv[1:]
+    if len(given) != len(args):
+      want = ' '.join(args) or 'no arguments'
+      sys.exit(f'error: expected {want}, got {given or "none"}: see --help')
     try:
-      main()
+      main(*given)
     except UserError as e:
       sys.exit(f'error: {e}')
   app.run(guarded, flags_parser=_parse_flags)
@@ -105,3 +112,9 @@ def claim_workdir(workdir: Path, config, overwrite: bool, outputs=()) -> None:
       else:
         target.unlink(missing_ok=True)
   write_json(path, new)
+
+
+def picture_flags(out_help: str, default_out: str | None = None):
+  """``--out`` and ``--format`` of the picture entry points (visualize, report)."""
+  return (flags.DEFINE_string('out', default_out, out_help),
+          flags.DEFINE_enum('format', 'png', FORMATS, 'Picture file format.'))

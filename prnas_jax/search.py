@@ -18,7 +18,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from prnas_jax import cli, data, genotype, metrics, morph, space, steps, supernet
+from prnas_jax import cli, data, genotype, metrics, morph, report, space, steps, supernet
 from prnas_jax.config import STAGE_KEYS, validate
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -135,6 +135,7 @@ class Search:
       write_json(self.workdir / 'genotype_darts.json', darts)
     log.info(f'genotype: {genotype.dumps(geno)}')
     self.writer.close()
+    log.info(f'pictures: {", ".join(p.name for p in report.draw_run(self.workdir))}')
     return geno
 
   def build_stage(self, i: int, previous):

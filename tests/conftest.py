@@ -1,13 +1,16 @@
 """Test-wide settings: CPU only, full-precision float32 matmuls, and XLA's fast-compile mode
-(compile time dominates tiny test networks; tests that need fast steps turn it back on)."""
+(compile time dominates tiny test networks; tests that need fast steps turn it back on), and a
+check that a written picture is plausible."""
 import os
 import subprocess
 from pathlib import Path
+from xml.etree import ElementTree
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_disable_most_optimizations', True)
@@ -19,6 +22,29 @@ def optimized_xla():
   jax.config.update('jax_disable_most_optimizations', False)
   yield
   jax.config.update('jax_disable_most_optimizations', True)
+
+
+def _check_picture(path, min_size=(300, 200)):
+  """Asserts that ``path`` is a plausible picture in the format its suffix names: a PNG of at
+  least ``min_size`` pixels with several colours, a PDF, or an SVG document."""
+  assert path.is_file(), path
+  data = path.read_bytes()
+  if path.suffix == '.png':
+    with Image.open(path) as image:
+      assert image.format == 'PNG'
+      assert image.width >= min_size[0] and image.height >= min_size[1], image.size
+      colours = image.convert('RGB').getcolors(maxcolors=1 << 20)
+    assert len(colours) >= 5, f'{path} is nearly blank'
+  elif path.suffix == '.pdf':
+    assert data.startswith(b'%PDF') and len(data) > 2000
+  else:
+    root = ElementTree.fromstring(data)
+    assert root.tag.endswith('svg') and len(list(root.iter())) > 20
+
+
+@pytest.fixture
+def check_picture():
+  return _check_picture
 
 
 CIFAR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'

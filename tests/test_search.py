@@ -179,6 +179,14 @@ def test_tiny_search_end_to_end(tiny_runs):
   assert list((workdir / 'tb').iterdir())
 
 
+def test_tiny_search_draws_its_pictures(tiny_runs, check_picture):
+  workdir = tiny_runs[0][1]
+  check_picture(workdir / 'report.png', min_size=(1200, 900))
+  check_picture(workdir / 'pool.png', min_size=(600, 600))
+  for cell in ('normal', 'reduce'):
+    check_picture(workdir / f'cell_{cell}.png', min_size=(800, 300))
+
+
 def test_tiny_search_learns(tiny_runs):
   records = metrics.read_scalars(tiny_runs[0][1])
   valid = [r['valid/accuracy'] for r in records if 'valid/accuracy' in r]
