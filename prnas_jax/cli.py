@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
+from ml_collections import config_flags
 from flax import traverse_util
 
 from prnas_jax.errors import UserError
@@ -112,6 +113,22 @@ def claim_workdir(workdir: Path, config, overwrite: bool, outputs=()) -> None:
       else:
         target.unlink(missing_ok=True)
   write_json(path, new)
+
+
+def run_flags(config_help: str, example: str):
+  """``--config``, ``--workdir`` and ``--overwrite`` of the run entry points (search, train);
+  returns a function giving ``(config, workdir, overwrite)`` or raising a one-line UserError."""
+  config = config_flags.DEFINE_config_file('config', None, config_help, lock_config=True)
+  workdir = flags.DEFINE_string('workdir', None, 'Directory for all outputs of the run.')
+  overwrite = flags.DEFINE_bool('overwrite', False, 'Replace a different run in --workdir.')
+
+  def values(need_workdir=lambda config: True):
+    if config.value is None:
+      raise UserError(f'--config is required: pass a config file, e.g. --config {example}')
+    if need_workdir(config.value) and not workdir.value:
+      raise UserError('--workdir is required: pass --workdir DIR')
+    return config.value, workdir.value, overwrite.value
+  return values
 
 
 def picture_flags(out_help: str, default_out: str | None = None):

@@ -28,9 +28,10 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 MEAN_STD = {
     'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
-NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet2012': 1000}
 
 _CACHE_VERSION = 1  # bump when the cached layout or the example order changes
 _CACHE_DIRNAME = '.prnas_cache'
@@ -205,13 +206,18 @@ def _decode_image(root, rel):
                     'replace or delete the file') from None
 
 
-def _load_tfds(name, split, data_dir):
-  import tensorflow_datasets as tfds  # slow import: only when a tfds data set is used
+def _tfds_dir(data_dir) -> str:
   from tensorflow_datasets.core import constants
-
   data_dir = os.fspath(data_dir) if data_dir else constants.get_default_data_dir()
-  if '://' not in data_dir:
-    data_dir = os.path.expanduser(data_dir)
+  return data_dir if '://' in data_dir else os.path.expanduser(data_dir)
+
+
+def tfds_source(name, split, data_dir):
+  """The random-access tfds data source of a prepared ``name`` (array_record), never
+  downloading; a one-line UserError that says how to prepare it when it is missing."""
+  import tensorflow_datasets as tfds  # slow import: only when a tfds data set is used
+
+  data_dir = _tfds_dir(data_dir)
   try:
     # download=False: an offline machine would otherwise retry for minutes before failing.
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
@@ -224,6 +230,12 @@ def _load_tfds(name, split, data_dir):
         f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir}', "
         f"file_format='array_record').download_and_prepare()\" and copy that data dir here, "
         'or set data.tfds_data_dir') from None
+  return source
+
+
+def _load_tfds(name, split, data_dir):
+  data_dir = _tfds_dir(data_dir)
+  source = tfds_source(name, split, data_dir)
   info = source.dataset_info
   key = hashlib.sha256(f'v{_CACHE_VERSION}\n{info.full_name}\n{split}\n{len(source)}\n'.encode())
   for rel, size, mtime in _dir_listing(info.data_dir):

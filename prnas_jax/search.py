@@ -15,8 +15,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from prnas_jax import cli, data, genotype, metrics, morph, report, space, steps, supernet
 from prnas_jax.config import STAGE_KEYS, validate
@@ -270,18 +268,6 @@ def run(config, workdir, overwrite: bool = False) -> genotype.Genotype:
   return Search(config, workdir).run()
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Search config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for all outputs of the run.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a different run in --workdir.')
-
-
-def main():
-  if _CONFIG.value is None:
-    raise UserError('--config is required: pass a config file, e.g. --config configs/tiny.py')
-  if not _WORKDIR.value:
-    raise UserError('--workdir is required: pass --workdir DIR')
-  run(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
-
-
 if __name__ == '__main__':
-  cli.run(main)
+  _FLAGS = cli.run_flags('Search config file.', 'configs/tiny.py')
+  cli.run(lambda: run(*_FLAGS()))

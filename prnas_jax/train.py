@@ -15,8 +15,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from prnas_jax import checkpoint, cli, data, genotype, metrics, network, steps
 from prnas_jax.config import validate_train
@@ -206,23 +204,13 @@ def count_params(config) -> int:
   return network.param_count(network.variable_shapes(net, shape)['params'])
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for all outputs of the run.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a different run in --workdir.')
-
-
-def main():
-  config = _CONFIG.value
-  if config is None:
-    raise UserError('--config is required: pass a config file, e.g. --config '
-                    'configs/train_cifar.py')
+def main(config, workdir, overwrite) -> None:
   if config.epochs == 0:
     print(f'params: {count_params(config)}')
-    return
-  if not _WORKDIR.value:
-    raise UserError('--workdir is required: pass --workdir DIR')
-  run(config, _WORKDIR.value, _OVERWRITE.value)
+  else:
+    run(config, workdir, overwrite)
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  _FLAGS = cli.run_flags('Training config file.', 'configs/train_cifar.py')
+  cli.run(lambda: main(*_FLAGS(need_workdir=lambda config: config.epochs > 0)))
