@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import checkpoint, cli, data, genotype, metrics, network, steps
+from prnas_jax import checkpoint, cli, data, genotype, imagenet, metrics, network, steps
 from prnas_jax.config import validate_train
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -44,24 +44,49 @@ def build_network(config, num_classes: int) -> network.Network:
                          auxiliary=m.auxiliary, stem=m.stem, dw_form=m.dw_form or None)
 
 
-class Training:
-  """One retraining run in ``workdir``: data, network, state, and the epoch loop."""
+class InMemory:
+  """A split held on the device (CIFAR, image folders): batches are gathered by index."""
 
-  def __init__(self, config, workdir: Path, train: data.Split, test: data.Split):
-    self.config, self.workdir = config, workdir
-    mean, std = data.mean_std(config.data, train)
-    self.mean, self.std = tuple(map(float, mean)), tuple(map(float, std))
-    if len(train.labels) < config.batch_size:
+  def __init__(self, split: data.Split):
+    self.images, self.labels = jax.device_put(split.images), jax.device_put(split.labels)
+    self.num_classes, self.image_shape = split.num_classes, split.images.shape[1:]
+    self._eval = {}
+
+  def __len__(self):
+    return len(self.labels)
+
+  def epoch_batches(self, seed: int, epoch: int, batch: int):
+    for idx in data.epoch_batches(np.random.default_rng([seed, epoch]), len(self), batch):
+      yield {'image': self.images[idx], 'label': self.labels[idx]}
+
+  def eval_batches(self, batch: int) -> list[dict]:
+    """All examples in order; the last batch padded with label -1 (one compiled shape)."""
+    if batch not in self._eval:
+      n, pad = len(self), -len(self) % batch
+      images = jnp.concatenate([self.images, jnp.zeros((pad, *self.image_shape), jnp.uint8)])
+      labels = jnp.concatenate([self.labels, jnp.full(pad, -1, self.labels.dtype)])
+      self._eval[batch] = [{'image': images[i:i + batch], 'label': labels[i:i + batch]}
+                           for i in range(0, n + pad, batch)]
+    return self._eval[batch]
+
+
+class Training:
+  """One retraining run in ``workdir``: data, network, state, and the epoch loop. ``train`` and
+  ``test`` are ``InMemory`` splits or ``imagenet.Stream``s."""
+
+  def __init__(self, config, workdir: Path, train, test, mean_std):
+    self.config, self.workdir, self.train, self.test = config, workdir, train, test
+    self.mean, self.std = (tuple(map(float, v)) for v in mean_std)
+    if len(train) < config.batch_size:
       raise UserError(f'batch_size {config.batch_size} is larger than the training split '
-                      f'({len(train.labels)} images): lower it or use more data')
-    self.train = {'image': jax.device_put(train.images), 'label': jax.device_put(train.labels)}
-    self.test = _padded(test, config.test_batch_size)
+                      f'({len(train)} images): lower it or use more data')
     self.net = build_network(config, train.num_classes)
     self.cfg = steps.TrainConfig(
         mean=self.mean, std=self.std, momentum=config.momentum,
         weight_decay=config.weight_decay, clip=config.clip, aux_weight=config.model.aux_weight,
-        label_smoothing=config.label_smoothing, cutout=config.cutout)
-    self.steps_per_epoch = len(train.labels) // config.batch_size
+        label_smoothing=config.label_smoothing, cutout=config.cutout,
+        augment='imagenet' if isinstance(train, imagenet.Stream) else 'cifar')
+    self.steps_per_epoch = len(train) // config.batch_size
     self.key = jax.random.key(config.seed)
     # XLA's RngBitGenerator: the initialiser compiles 4x faster than with threefry keys
     self.init_key = jax.random.key(config.seed, impl='unsafe_rbg')
@@ -69,7 +94,7 @@ class Training:
 
   def initial_state(self) -> steps.TrainState:
     init = jax.jit(lambda k, x: self.net.init({'params': k, 'drop_path': k}, x, train=True))
-    variables = init(self.init_key, jnp.zeros((1, *self.train['image'].shape[1:]), jnp.float32))
+    variables = init(self.init_key, jnp.zeros((1, *self.train.image_shape), jnp.float32))
     return steps.create_train_state(variables, self.cfg)
 
   def resume(self):
@@ -91,31 +116,31 @@ class Training:
     writer = metrics.Writer(self.workdir)
     progress = metrics.Progress((c.epochs - record['epoch']) * self.steps_per_epoch, c.log_every)
     t0 = time.perf_counter()
-    step = steps.train_step.lower(state, self._batch(np.arange(c.batch_size)), np.float32(0),
-                                  np.float32(0), self.key, net=self.net, cfg=self.cfg).compile()
+    example = jax.ShapeDtypeStruct((c.batch_size, *self.train.image_shape), jnp.uint8)
+    example = {'image': example, 'label': jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)}
+    step = steps.train_step.lower(state, example, np.float32(0), np.float32(0), self.key,
+                                  net=self.net, cfg=self.cfg).compile()
     log.info(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
     for epoch in range(record['epoch'], c.epochs):
       lr = learning_rate(c, epoch)
       drop = c.model.drop_path * epoch / c.epochs
-      order = data.epoch_batches(np.random.default_rng([c.seed, epoch]), len(self.train['label']),
-                                 c.batch_size)
       epoch_key = jax.random.fold_in(self.key, epoch)
       sums = {'loss': 0.0, 'accuracy': 0.0}
       t0 = time.perf_counter()
-      for n, idx in enumerate(order):
-        state, m = step(state, self._batch(idx), np.float32(lr), np.float32(drop),
+      for n, batch in enumerate(self.train.epoch_batches(c.seed, epoch, c.batch_size)):
+        state, m = step(state, batch, np.float32(lr), np.float32(drop),
                         jax.random.fold_in(epoch_key, n))
         sums = {k: sums[k] + m[k] for k in sums}
-        progress.update(f'epoch {epoch + 1}/{c.epochs}', n + 1, len(order), c.batch_size,
-                        lambda: {'loss': float(sums['loss']) / (n + 1), 'lr': lr})
-      train = {k: float(v) / len(order) for k, v in sums.items()}
+        progress.update(f'epoch {epoch + 1}/{c.epochs}', n + 1, self.steps_per_epoch,
+                        c.batch_size, lambda: {'loss': float(sums['loss']) / (n + 1), 'lr': lr})
+      train = {k: float(v) / self.steps_per_epoch for k, v in sums.items()}
       seconds = time.perf_counter() - t0
       if not math.isfinite(train['loss']):
         raise UserError(f'the training loss became {train["loss"]} in epoch {epoch}: lower lr, '
                         'or check the data; the last good checkpoint is kept')
       test = self.evaluate(state)
       entry = {'epoch': epoch, 'lr': lr, 'drop_path': drop, 'seconds': seconds,
-               'images_per_s': len(order) * c.batch_size / seconds,
+               'images_per_s': self.steps_per_epoch * c.batch_size / seconds,
                'train_loss': train['loss'], 'train_accuracy': train['accuracy'],
                'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
       log.info(f'epoch {epoch + 1}/{c.epochs}: train loss {train["loss"]:.4f} acc '
@@ -148,37 +173,30 @@ class Training:
 
   @functools.cached_property
   def params(self) -> int:
-    return network.param_count(network.variable_shapes(self.net, self.train['image'].shape[1:])[
+    return network.param_count(network.variable_shapes(self.net, self.train.image_shape)[
         'params'])
-
-  def _batch(self, idx):
-    return {'image': self.train['image'][idx], 'label': self.train['label'][idx]}
 
   def evaluate(self, state) -> dict:
     """Plain cross-entropy and accuracy on the whole test split."""
     total = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
-    for batch in self.test:
+    for batch in self.test.eval_batches(self.config.test_batch_size):
       out = steps.test_step(state, batch, net=self.net, mean=self.mean, std=self.std)
       total = {k: total[k] + out[k] for k in total}
     count = int(total['count'])
     return {'loss': float(total['loss_sum']) / count, 'accuracy': int(total['correct']) / count}
 
 
-def _padded(split: data.Split, batch: int) -> list[dict]:
-  """``split`` in batches of ``batch`` on device; the last one padded with label -1."""
-  n = len(split.labels)
-  pad = -n % batch
-  images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
-  labels = np.concatenate([split.labels, np.full(pad, -1, split.labels.dtype)])
-  return [{'image': jax.device_put(images[i:i + batch]), 'label': jax.device_put(labels[i:i + batch])}
-          for i in range(0, n + pad, batch)]
-
-
-def load_data(config) -> tuple[data.Split, data.Split]:
+def load_data(config):
+  """The training and test inputs and the normalisation's mean and std."""
+  if config.data.dataset == 'imagenet2012':
+    size = config.image_size or 224
+    train, test = (imagenet.Stream(config.data, split, size) for split in ('train', 'test'))
+    return train, test, data.mean_std(config.data, None)
   train = data.load_split(config.data, 'train')
   if config.data.max_train:
     train = data.subset(train, config.data.max_train, config.seed)
-  return train, data.load_split(config.data, 'test')
+  return InMemory(train), InMemory(data.load_split(config.data, 'test')), data.mean_std(
+      config.data, train)
 
 
 def run(config, workdir, overwrite: bool = False) -> dict:
