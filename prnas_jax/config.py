@@ -66,6 +66,7 @@ def search_config() -> ml_collections.ConfigDict:
       drop_zero_last=False,  # the reference's --restrict_zero in the last stage
       max_skip_normal=-1,  # P-DARTS skip-connect limit on the final normal cell (-1 = off)
       dw_form='',  # depthwise convolution form: '' = per backend, grouped | dense
+      remat=False,  # recompute cell activations in the backward pass: less memory, more time
   ))
   c.log_every = 50  # steps between progress lines
   return c
@@ -137,6 +138,7 @@ def train_config() -> ml_collections.ConfigDict:
       aux_weight=0.4,
       drop_path=0.3,  # the rate ramps linearly from 0 to this over training
       dw_form='',  # depthwise convolution form: '' = per backend, grouped | dense
+      remat=False,  # recompute cell activations in the backward pass: less memory, more time
   ))
   c.epochs = 600  # 0 = build the network, print its parameter count, exit
   c.batch_size = 128

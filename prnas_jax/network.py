@@ -83,6 +83,7 @@ class Network(nn.Module):
   stem: str = 'cifar'
   stem_multiplier: int = 3
   dw_form: str | None = None
+  remat: bool = False  # recompute each cell's activations in the backward pass (less memory)
 
   def _conv_bn(self, x, features, stride, name, train):
     x = nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)), use_bias=False,
@@ -101,8 +102,9 @@ class Network(nn.Module):
     aux = None
     for i, layout in enumerate(layouts(self.layers, c, reduction_prev=self.stem != 'cifar')):
       kind = 'reduce' if layout.reduction else 'normal'
-      cell = Cell(getattr(self.genotype, kind), getattr(self.genotype, f'{kind}_concat'), layout,
-                  self.dw_form, name=f'cell{i}')
+      cell_cls = nn.remat(Cell, static_argnums=(3,)) if self.remat else Cell
+      cell = cell_cls(getattr(self.genotype, kind), getattr(self.genotype, f'{kind}_concat'),
+                      layout, self.dw_form, name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, train, drop_rate)
       if i == 2 * self.layers // 3 and self.auxiliary and train:
         aux = AuxHead(self.num_classes, 3 if self.stem == 'cifar' else 2, name='aux')(s1, train)

@@ -142,7 +142,8 @@ class Search:
     s, st = self.config.search, self.config.search.stages
     net = supernet.build(self.space, layers=s.layers + st.add_layers[i],
                          channels=s.init_channels + st.add_width[i],
-                         num_classes=self.splits.num_classes, dw_form=s.dw_form or None)
+                         num_classes=self.splits.num_classes, dw_form=s.dw_form or None,
+                         remat=s.remat)
     self.key, k_init, k_morph = jax.random.split(self.key, 3)
     variables = supernet.init_variables(net, k_init, self.splits.image_shape)
     if previous is not None and (previous[0].layers, previous[0].channels) == (net.layers,

@@ -115,6 +115,7 @@ class Supernet(nn.Module):
   num_classes: int = 10
   stem_multiplier: int = 3
   dw_form: str | None = None
+  remat: bool = False  # recompute each cell's activations in the backward pass (less memory)
 
   @nn.compact
   def __call__(self, x, weights: Mapping[str, jax.Array], train: bool, skip_drop=None):
@@ -123,7 +124,8 @@ class Supernet(nn.Module):
     s0 = s1 = ops.batch_norm(True, name='stem_bn')(x, use_running_average=not train)
     for i, layout in enumerate(layouts(self.layers, self.channels)):
       kind = 'reduce' if layout.reduction else 'normal'
-      cell = SearchCell(getattr(self, kind), layout, self.dw_form, name=f'cell{i}')
+      cell_cls = nn.remat(SearchCell, static_argnums=(4,)) if self.remat else SearchCell
+      cell = cell_cls(getattr(self, kind), layout, self.dw_form, name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, weights[kind], train, skip_drop)
     return nn.Dense(self.num_classes, name='head')(jnp.mean(s1, axis=(1, 2)))
 

@@ -41,7 +41,8 @@ def build_network(config, num_classes: int) -> network.Network:
   m = config.model
   return network.Network(genotype.load(config.genotype), layers=m.layers,
                          channels=m.init_channels, num_classes=num_classes,
-                         auxiliary=m.auxiliary, stem=m.stem, dw_form=m.dw_form or None)
+                         auxiliary=m.auxiliary, stem=m.stem, dw_form=m.dw_form or None,
+                         remat=m.remat)
 
 
 class InMemory:

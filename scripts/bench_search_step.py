@@ -37,7 +37,7 @@ def main(_):
   config, batch = _CONFIG.value, _BATCH.value
   sp = space.initial_space(STAGES[_STAGE.value])
   net = supernet.build(sp, layers=config.search.layers, channels=config.search.init_channels,
-                       dw_form=config.search.dw_form or None)
+                       dw_form=config.search.dw_form or None, remat=config.search.remat)
   masks = supernet.alpha_masks(net.edge_ops())
   k_init, k_alpha = jax.random.split(jax.random.key(0))
   alphas = supernet.init_alphas(k_alpha, masks)
@@ -65,7 +65,7 @@ def main(_):
   print(json.dumps({
       'stage': _STAGE.value, 'batch': batch, 'layers': net.layers, 'channels': net.channels,
       'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
-      'dw_form': net.dw_form or ops.default_dw_form(),
+      'dw_form': net.dw_form or ops.default_dw_form(), 'remat': net.remat,
       'init_s': round(init_s, 2), 'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),
       'images_per_s': round(batch / step_s, 2), 'flops': flops,
       'flop_per_s': flops / step_s,

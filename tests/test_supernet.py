@@ -227,3 +227,23 @@ def test_skip_dropout_drops_only_the_identity_skip(tiny):
                     rngs={'dropout': jax.random.key(0)})
   b, _ = net2.apply(v2, x, w2, train=True, mutable=['batch_stats'])
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_keeps_names_values_and_gradients(tiny):
+  _, net, masks, alphas, variables = tiny
+  remat = net.clone(remat=True)
+  batch = _batch(3)
+  x = batch['image'].astype(jnp.float32) / 255
+  assert jax.tree.structure(remat.init(jax.random.key(1), x, supernet.edge_weights(
+      alphas, masks), train=False)) == jax.tree.structure(variables)
+
+  def grads(model):
+    def loss(alphas, params):
+      logits, _ = model.apply({**variables, 'params': params}, x,
+                              supernet.edge_weights(alphas, masks), train=True,
+                              mutable=['batch_stats'])
+      return steps.cross_entropy(logits, batch['label'])
+    return jax.value_and_grad(loss, argnums=(0, 1))(alphas, variables['params'])
+
+  for a, b in zip(jax.tree.leaves(grads(net)), jax.tree.leaves(grads(remat)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # recomputation reorders sums
