@@ -27,7 +27,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   """Connects this process to the others of a multi-process run before JAX starts its backend.
   Arguments left ``None`` are detected by JAX on SLURM, Cloud TPU, Kubernetes and Open MPI (and
   the coordinator from ``JAX_COORDINATOR_ADDRESS``). On CPU the processes talk through gloo."""
-  jax.distributed.initialize(coordinator, num_processes, process_id)
+  try:
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  except ValueError as e:  # nothing detected for what was left unset
+    raise UserError(f'cannot join a multi-process run ({e}): outside SLURM, Cloud TPU, '
+                    'Kubernetes and Open MPI pass --coordinator HOST:PORT --num_processes N '
+                    '--process_id I') from e
 
 
 def is_main_process() -> bool:
@@ -71,11 +76,17 @@ def check_batch(batch_size: int, name: str) -> int:
   return batch_size // jax.process_count()
 
 
-def process_rows(n: int) -> np.ndarray:
-  """The indices of this process's shard of ``n`` examples: every ``process_count``-th one, the
-  same number in every process (up to ``process_count - 1`` examples are left out)."""
-  count = jax.process_count()
-  return np.arange(jax.process_index(), n - n % count, count)
+def process_shard(arrays: dict) -> dict:
+  """This process's shard of ``arrays`` (of equal length N): every ``process_count``-th row, the
+  same number in every process (up to ``process_count - 1`` rows are left out)."""
+  count, n = jax.process_count(), len(next(iter(arrays.values())))
+  return {k: v[jax.process_index():n - n % count:count] for k, v in arrays.items()}
+
+
+def barrier(name: str) -> None:
+  """Waits until every process got here."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def check_same(tree, what: str) -> None:

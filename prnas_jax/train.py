@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import checkpoint, cli, data, genotype, metrics, network, steps
+from prnas_jax import checkpoint, cli, data, genotype, metrics, network, parallel, steps
 from prnas_jax.config import validate_train
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -54,14 +54,17 @@ class Training:
     if len(train.labels) < config.batch_size:
       raise UserError(f'batch_size {config.batch_size} is larger than the training split '
                       f'({len(train.labels)} images): lower it or use more data')
-    self.train = {'image': jax.device_put(train.images), 'label': jax.device_put(train.labels)}
+    self.local_batch = parallel.check_batch(config.batch_size, 'batch_size')
+    parallel.check_batch(config.test_batch_size, 'test_batch_size')
+    self.train = jax.device_put(parallel.process_shard({'image': train.images,
+                                                        'label': train.labels}))
     self.test = _padded(test, config.test_batch_size)
     self.net = build_network(config, train.num_classes)
     self.cfg = steps.TrainConfig(
         mean=self.mean, std=self.std, momentum=config.momentum,
         weight_decay=config.weight_decay, clip=config.clip, aux_weight=config.model.aux_weight,
         label_smoothing=config.label_smoothing, cutout=config.cutout)
-    self.steps_per_epoch = len(train.labels) // config.batch_size
+    self.steps_per_epoch = len(self.train['label']) // self.local_batch
     self.key = jax.random.key(config.seed)
     # XLA's RngBitGenerator: the initialiser compiles 4x faster than with threefry keys
     self.init_key = jax.random.key(config.seed, impl='unsafe_rbg')
@@ -76,8 +79,12 @@ class Training:
     """The newest checkpoint's state and record, or a fresh state and record."""
     step = self.checkpoints.latest()
     if step is None:
-      return self.initial_state(), {'epoch': 0, 'history': [], 'scalars_lines': 0}
-    state, record = self.checkpoints.restore(step, jax.eval_shape(self.initial_state))
+      return parallel.replicate(self.initial_state()), {'epoch': 0, 'history': [],
+                                                        'scalars_lines': 0}
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=parallel.replicated()),
+                            jax.eval_shape(self.initial_state))
+    state, record = self.checkpoints.restore(step, template)
     metrics.truncate_scalars(self.workdir, record['scalars_lines'])
     log.info(f'resuming after epoch {record["epoch"]} from {self.checkpoints.directory / str(step)}')
     return state, record
@@ -91,14 +98,14 @@ class Training:
     writer = metrics.Writer(self.workdir)
     progress = metrics.Progress((c.epochs - record['epoch']) * self.steps_per_epoch, c.log_every)
     t0 = time.perf_counter()
-    step = steps.train_step.lower(state, self._batch(np.arange(c.batch_size)), np.float32(0),
+    step = steps.train_step.lower(state, self._batch(np.arange(self.local_batch)), np.float32(0),
                                   np.float32(0), self.key, net=self.net, cfg=self.cfg).compile()
     log.info(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
     for epoch in range(record['epoch'], c.epochs):
       lr = learning_rate(c, epoch)
       drop = c.model.drop_path * epoch / c.epochs
       order = data.epoch_batches(np.random.default_rng([c.seed, epoch]), len(self.train['label']),
-                                 c.batch_size)
+                                 self.local_batch)
       epoch_key = jax.random.fold_in(self.key, epoch)
       sums = {'loss': 0.0, 'accuracy': 0.0}
       t0 = time.perf_counter()
@@ -152,7 +159,8 @@ class Training:
         'params'])
 
   def _batch(self, idx):
-    return {'image': self.train['image'][idx], 'label': self.train['label'][idx]}
+    return parallel.shard_batch({'image': self.train['image'][idx],
+                                 'label': self.train['label'][idx]})
 
   def evaluate(self, state) -> dict:
     """Plain cross-entropy and accuracy on the whole test split."""
@@ -165,12 +173,15 @@ class Training:
 
 
 def _padded(split: data.Split, batch: int) -> list[dict]:
-  """``split`` in batches of ``batch`` on device; the last one padded with label -1."""
+  """``split`` in global batches of ``batch``, the last one padded with label -1, on device
+  (each process holds its slice of each)."""
   n = len(split.labels)
   pad = -n % batch
   images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
   labels = np.concatenate([split.labels, np.full(pad, -1, split.labels.dtype)])
-  return [{'image': jax.device_put(images[i:i + batch]), 'label': jax.device_put(labels[i:i + batch])}
+  local = batch // jax.process_count()
+  rows = lambda i: slice(i + jax.process_index() * local, i + (jax.process_index() + 1) * local)
+  return [parallel.shard_batch({'image': images[rows(i)], 'label': labels[rows(i)]})
           for i in range(0, n + pad, batch)]
 
 
