@@ -1,6 +1,6 @@
 """Entry-point plumbing shared by ``search``, ``train``, ``visualize`` and ``report``: flags
 parsed with one-line errors for bad overrides, positional arguments counted, UserErrors reported
-as one line instead of a traceback, and the workdir claim."""
+as one line instead of a traceback, the workdir claim, and joining a multi-process run."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from flax import traverse_util
 
+from prnas_jax import parallel
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
 from prnas_jax.pictures import FORMATS
@@ -105,7 +106,7 @@ def claim_workdir(workdir: Path, config, overwrite: bool, outputs=()) -> None:
     raise UserError(f'{workdir} holds a different run (config differs in {", ".join(diff[:3])}'
                     f'{", ..." if len(diff) > 3 else ""}): use a new --workdir, or pass '
                     '--overwrite to replace it')
-  if overwrite:
+  if overwrite and parallel.is_main_process():
     for name in outputs:
       target = workdir / name
       if target.is_dir():
@@ -113,20 +114,34 @@ def claim_workdir(workdir: Path, config, overwrite: bool, outputs=()) -> None:
       else:
         target.unlink(missing_ok=True)
   write_json(path, new)
+  parallel.barrier('claim_workdir')
 
 
 def run_flags(config_help: str, example: str):
-  """``--config``, ``--workdir`` and ``--overwrite`` of the run entry points (search, train);
-  returns a function giving ``(config, workdir, overwrite)`` or raising a one-line UserError."""
+  """``--config``, ``--workdir``, ``--overwrite`` and the multi-process flags of the run entry
+  points (search, train); returns a function that joins the processes of a multi-process run and
+  gives ``(config, workdir, overwrite)``, or raises a one-line UserError."""
   config = config_flags.DEFINE_config_file('config', None, config_help, lock_config=True)
   workdir = flags.DEFINE_string('workdir', None, 'Directory for all outputs of the run.')
   overwrite = flags.DEFINE_bool('overwrite', False, 'Replace a different run in --workdir.')
+  distributed = flags.DEFINE_bool(
+      'distributed', False, 'Join a multi-process run through jax.distributed; what the three '
+      'flags below leave unset is detected on SLURM, Cloud TPU, Kubernetes and Open MPI.')
+  coordinator = flags.DEFINE_string('coordinator', None, 'HOST:PORT of process 0 (implies '
+                                    '--distributed; default: $JAX_COORDINATOR_ADDRESS).')
+  num_processes = flags.DEFINE_integer('num_processes', None, 'Number of processes (implies '
+                                       '--distributed).')
+  process_id = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1 '
+                                    '(implies --distributed).')
 
   def values(need_workdir=lambda config: True):
     if config.value is None:
       raise UserError(f'--config is required: pass a config file, e.g. --config {example}')
     if need_workdir(config.value) and not workdir.value:
       raise UserError('--workdir is required: pass --workdir DIR')
+    given = (coordinator.value, num_processes.value, process_id.value)
+    if distributed.value or any(v is not None for v in given):
+      parallel.initialize(*given)
     return config.value, workdir.value, overwrite.value
   return values
 

@@ -368,6 +368,20 @@ def epoch_batches(rng: np.random.Generator, n: int, batch: int) -> np.ndarray:
   return rng.permutation(n)[:steps * batch].reshape(steps, batch).astype(np.int32)
 
 
+def eval_batches(images, labels, batch: int):
+  """``images``/``labels`` in order in global batches of ``batch``, the last one padded with label
+  -1 (one compiled shape); this process's rows of each (``batch // process_count`` of them)."""
+  n, pad = len(labels), -len(labels) % batch
+  local = batch // jax.process_count()
+  first = jax.process_index() * local
+  for start in range(0, n + pad, batch):
+    rows = np.arange(start + first, start + first + local)
+    valid = rows < n
+    take = np.where(valid, rows, 0)
+    yield {'image': np.where(valid[:, None, None, None], images[take], 0).astype(np.uint8),
+           'label': np.where(valid, labels[take], -1).astype(np.int32)}
+
+
 # ---------------------------------------------------------------------------------------------
 # On-device preprocessing (pure jnp; jit- and vmap-friendly).
 

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from prnas_jax import parallel
+
 
 @contextlib.contextmanager
 def atomic_open(path, mode: str = 'w'):
@@ -28,5 +30,8 @@ def atomic_open(path, mode: str = 'w'):
 
 
 def write_json(path, obj) -> None:
+  """Writes ``obj`` to ``path`` (in the main process only: the others hold the same result)."""
+  if not parallel.is_main_process():
+    return
   with atomic_open(path) as f:
     json.dump(obj, f, indent=1)

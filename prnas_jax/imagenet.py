@@ -10,10 +10,11 @@ from __future__ import annotations
 import concurrent.futures
 import math
 
+import jax
 import numpy as np
 from PIL import Image
 
-from prnas_jax import data
+from prnas_jax import data, parallel
 
 SPLITS = {'train': 'train', 'test': 'validation'}
 
@@ -86,16 +87,22 @@ class Stream:
       yield ahead.result()
 
   def epoch_batches(self, seed: int, epoch: int, batch: int):
-    order = data.epoch_batches(np.random.default_rng([seed, epoch]), len(self), batch)
-    rngs = [np.random.default_rng([seed, epoch, n]) for n in range(len(order))]
+    """This process's part (``batch`` rows) of each global batch of an epoch: shuffled, whole
+    batches, from its shard of the examples."""
+    shard = parallel.process_shard({'index': np.arange(len(self))})['index']
+    order = shard[data.epoch_batches(np.random.default_rng([seed, epoch]), len(shard), batch)]
+    process = jax.process_index()
 
     def crop_of(n):
-      per_image = rngs[n].spawn(batch)
+      per_image = np.random.default_rng([seed, epoch, n, process]).spawn(batch)
       return lambda i, image: random_resized_crop(per_image[i], image, self.image_size)
     return self._prefetched(order, crop_of)
 
   def eval_batches(self, batch: int):
-    n = len(self)
-    indices = np.concatenate([np.arange(n), np.full(-n % batch, -1)]).reshape(-1, batch)
-    return self._prefetched(indices, lambda _: lambda i, image: center_crop(image,
-                                                                              self.image_size))
+    """All examples in order in global batches of ``batch``, the last padded with label -1; this
+    process's rows of each."""
+    n, local = len(self), batch // jax.process_count()
+    rows = np.arange(0, n + -n % batch).reshape(-1, batch)
+    rows = rows[:, jax.process_index() * local:(jax.process_index() + 1) * local]
+    return self._prefetched(np.where(rows < n, rows, -1),
+                            lambda _: lambda i, image: center_crop(image, self.image_size))

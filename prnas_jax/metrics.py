@@ -10,10 +10,11 @@ from collections import Counter
 from itertools import product
 from pathlib import Path
 
+import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from prnas_jax import ops
+from prnas_jax import ops, parallel
 from prnas_jax.files import atomic_open
 from prnas_jax.space import CellSpace
 
@@ -21,11 +22,16 @@ log = logging.getLogger('prnas_jax')
 
 
 def setup_logging(workdir: Path) -> None:
-  """INFO lines to stderr and to ``workdir/log.txt``."""
+  """INFO lines to stderr and (main process only) to ``workdir/log.txt``; with several
+  processes each line names its process."""
   log.setLevel(logging.INFO)
   log.handlers.clear()
-  fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
-  for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(workdir / 'log.txt')):
+  who = f'[{jax.process_index()}/{jax.process_count()}] ' if jax.process_count() > 1 else ''
+  fmt = logging.Formatter(f'%(asctime)s {who}%(message)s', '%H:%M:%S')
+  handlers = [logging.StreamHandler(sys.stderr)]
+  if parallel.is_main_process():
+    handlers.append(logging.FileHandler(workdir / 'log.txt'))
+  for handler in handlers:
     handler.setFormatter(fmt)
     log.addHandler(handler)
   log.propagate = False
@@ -33,24 +39,31 @@ def setup_logging(workdir: Path) -> None:
 
 class Writer:
   """Scalars to TensorBoard (``workdir/tb``) and, one JSON object per call, to
-  ``workdir/scalars.jsonl`` (what reports and tests read back)."""
+  ``workdir/scalars.jsonl`` (what reports and tests read back). Only the main process writes;
+  the others count the records."""
 
   def __init__(self, workdir: Path):
-    self._tb = SummaryWriter(str(Path(workdir) / 'tb'), flush_secs=30)
-    self._jsonl = open(Path(workdir) / 'scalars.jsonl', 'a', encoding='utf-8')
-    self.lines = len(read_scalars(workdir))  # records so far; a checkpoint remembers it
+    self._main = parallel.is_main_process()
+    if self._main:
+      self._tb = SummaryWriter(str(Path(workdir) / 'tb'), flush_secs=30)
+      self._jsonl = open(Path(workdir) / 'scalars.jsonl', 'a', encoding='utf-8')
+    # records so far (the main process's count is the one checkpoints remember)
+    self.lines = len(read_scalars(workdir)) if self._main else 0
 
   def scalars(self, step: int, values: dict) -> None:
+    self.lines += 1
+    if not self._main:
+      return
     values = {tag: float(v) for tag, v in values.items()}
     for tag, value in values.items():
       self._tb.add_scalar(tag, value, step)
     self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
     self._jsonl.flush()
-    self.lines += 1
 
   def close(self):
-    self._tb.close()
-    self._jsonl.close()
+    if self._main:
+      self._tb.close()
+      self._jsonl.close()
 
 
 def read_scalars(workdir: Path) -> list[dict]:
@@ -69,7 +82,7 @@ def truncate_scalars(workdir: Path, records: int) -> None:
   """Keeps the first ``records`` records of ``scalars.jsonl`` (on resume: drops what was logged
   after the checkpoint, which the resumed run logs again)."""
   path = Path(workdir) / 'scalars.jsonl'
-  if path.exists():
+  if path.exists() and parallel.is_main_process():
     with atomic_open(path) as f:
       f.writelines(json.dumps(r) + '\n' for r in read_scalars(workdir)[:records])
 

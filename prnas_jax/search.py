@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import cli, data, genotype, metrics, morph, report, space, steps, supernet
+from prnas_jax import (cli, data, genotype, metrics, morph, parallel, report, space, steps,
+                       supernet)
 from prnas_jax.config import STAGE_KEYS, validate
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -27,7 +28,7 @@ CONCAT = (2, 3, 4, 5)
 
 @dataclasses.dataclass
 class Splits:
-  """The weight and alpha halves of the training split, on device."""
+  """This process's shard of the weight and alpha halves of the training split, on device."""
   weights: dict
   alphas: dict
   num_classes: int
@@ -49,7 +50,7 @@ def load_data(config) -> Splits:
     if len(half.labels) < config.search.batch_size:
       raise UserError(f'search.batch_size {config.search.batch_size} is larger than the {name} '
                       f'split ({len(half.labels)} images): lower it or use more data')
-  put = lambda s: {'image': jax.device_put(s.images), 'label': jax.device_put(s.labels)}
+  put = lambda s: jax.device_put(parallel.process_shard({'image': s.images, 'label': s.labels}))
   return Splits(put(halves[0]), put(halves[1]), train.num_classes,
                 tuple(map(float, mean)), tuple(map(float, std)))
 
@@ -99,6 +100,7 @@ class Search:
 
   def __init__(self, config, workdir: Path):
     self.config, self.workdir = config, workdir
+    self.local_batch = parallel.check_batch(config.search.batch_size, 'search.batch_size')
     self.splits = load_data(config)
     self.writer = metrics.Writer(workdir)
     self.space = space.initial_space(config.search.start)
@@ -106,7 +108,7 @@ class Search:
     self.morph_rng = np.random.default_rng([config.seed, 0])
     self.batch_rng = np.random.default_rng([config.seed, 1])
     self.steps_per_epoch = min(len(self.splits.weights['label']),
-                               len(self.splits.alphas['label'])) // config.search.batch_size
+                               len(self.splits.alphas['label'])) // self.local_batch
     self.epoch = 0  # global epoch counter (TensorBoard x axis)
     self.progress = metrics.Progress(
         sum(config.search.stages.epochs) * self.steps_per_epoch, config.log_every)
@@ -128,12 +130,14 @@ class Search:
       write_json(self.workdir / 'stages' / f'stage{i}.json', record)
       self.log_events(i, record['events'])
     self.log_space(len(stages.epochs))
-    genotype.save(geno, self.workdir / 'genotype.json')
-    if (darts := geno.to_darts()) is not None:
-      write_json(self.workdir / 'genotype_darts.json', darts)
+    if parallel.is_main_process():  # every process holds the same genotype
+      genotype.save(geno, self.workdir / 'genotype.json')
+      if (darts := geno.to_darts()) is not None:
+        write_json(self.workdir / 'genotype_darts.json', darts)
     log.info(f'genotype: {genotype.dumps(geno)}')
     self.writer.close()
-    log.info(f'pictures: {", ".join(p.name for p in report.draw_run(self.workdir))}')
+    if parallel.is_main_process():
+      log.info(f'pictures: {", ".join(p.name for p in report.draw_run(self.workdir))}')
     return geno
 
   def build_stage(self, i: int, previous):
@@ -170,14 +174,16 @@ class Search:
         cutout=s.cutout, skip_dropout=p_drop > 0)
     masks = supernet.alpha_masks(net.edge_ops())
     self.key, k_alpha = jax.random.split(self.key)
-    state = steps.create_state(variables, supernet.init_alphas(k_alpha, masks), cfg)
+    state = parallel.replicate(steps.create_state(variables, supernet.init_alphas(k_alpha, masks),
+                                                  cfg))
     widths = {k: [len(c) for c in net.edge_ops()[k]] for k in self.space}
     log.info(f'stage {i}: {net.layers} cells, C={net.channels}, candidates per edge '
              f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling')
 
-    batch = lambda split, idx: {'image': split['image'][idx], 'label': split['label'][idx]}
+    batch = lambda split, idx: parallel.shard_batch({'image': split['image'][idx],
+                                                     'label': split['label'][idx]})
     update, compile_s = steps.compile_update_step(
-        state, batch(self.splits.weights, jnp.arange(s.batch_size)), net=net, cfg=cfg)
+        state, batch(self.splits.weights, jnp.arange(self.local_batch)), net=net, cfg=cfg)
     log.info(f'stage {i}: compiled in {compile_s:.1f} s')
 
     train_s = 0.0
@@ -185,9 +191,9 @@ class Search:
       lr = steps.epoch_cosine(s.lr, s.lr_min, epochs, e)
       drop = p_drop * ((epochs - e - 1) / epochs if e < grace else np.exp(-0.2 * (e - grace)))
       w_idx = data.epoch_batches(self.batch_rng, len(self.splits.weights['label']),
-                                 s.batch_size)[:self.steps_per_epoch]
+                                 self.local_batch)[:self.steps_per_epoch]
       a_idx = data.epoch_batches(self.batch_rng, len(self.splits.alphas['label']),
-                                 s.batch_size)[:self.steps_per_epoch]
+                                 self.local_batch)[:self.steps_per_epoch]
       t0 = time.perf_counter()
       sums = {'loss': 0.0, 'accuracy': 0.0}
       losses = []  # per step, on device: fetched once at the end of the epoch
@@ -222,6 +228,7 @@ class Search:
       log.info(f'{line} ({seconds:.1f} s)')
       self.writer.scalars(self.epoch, scalars)
       self.epoch += 1
+    parallel.check_same(jax.device_get(state.alphas), f'the alphas of stage {i}')
     images_per_s = epochs * self.steps_per_epoch * s.batch_size / max(train_s, 1e-9)
     self.writer.scalars(i, {'stage/compile_s': compile_s, 'stage/images_per_s': images_per_s})
     log.info(f'stage {i}: {images_per_s:.1f} img/s, compile {compile_s:.1f} s')
@@ -229,11 +236,12 @@ class Search:
 
   def evaluate(self, state, net) -> dict:
     """Eval-mode loss and accuracy on the alpha split (whole batches)."""
-    split, bs = self.splits.alphas, self.config.search.batch_size
+    split, bs = self.splits.alphas, self.local_batch
     total = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
     for start in range(0, len(split['label']) - bs + 1, bs):
-      out = steps.eval_step(state, {k: v[start:start + bs] for k, v in split.items()}, net=net,
-                            mean=self.splits.mean, std=self.splits.std)
+      out = steps.eval_step(state, parallel.shard_batch({k: v[start:start + bs]
+                                                         for k, v in split.items()}),
+                            net=net, mean=self.splits.mean, std=self.splits.std)
       total = {k: total[k] + out[k] for k in total}
     count = int(total['count'])
     return {'loss': float(total['loss_sum']) / count, 'accuracy': int(total['correct']) / count}

@@ -128,10 +128,10 @@ _COMPILED = {}
 
 
 def compile_update_step(state, batch, *, net, cfg):
-  """``update_step`` compiled ahead of time for these shapes, and the seconds it took (0 when
-  an earlier stage or run in this process compiled the same program)."""
+  """``update_step`` compiled ahead of time for these shapes and shardings, and the seconds it
+  took (0 when an earlier stage or run in this process compiled the same program)."""
   key = (net, cfg, jax.tree.structure(state),
-         tuple((x.shape, x.dtype) for x in jax.tree.leaves((state, batch))))
+         tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
   if key in _COMPILED:
     return _COMPILED[key], 0.0
   t0 = time.perf_counter()

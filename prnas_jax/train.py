@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import checkpoint, cli, data, genotype, imagenet, metrics, network, steps
+from prnas_jax import checkpoint, cli, data, genotype, imagenet, metrics, network, parallel, steps
 from prnas_jax.config import validate_train
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -46,29 +46,27 @@ def build_network(config, num_classes: int) -> network.Network:
 
 
 class InMemory:
-  """A split held on the device (CIFAR, image folders): batches are gathered by index."""
+  """A split held in memory (CIFAR, image folders): this process's shard of the training
+  examples on its device, batches gathered by index."""
 
   def __init__(self, split: data.Split):
-    self.images, self.labels = jax.device_put(split.images), jax.device_put(split.labels)
+    self.split = split
+    shard = parallel.process_shard({'image': split.images, 'label': split.labels})
+    self.images, self.labels = jax.device_put(shard['image']), jax.device_put(shard['label'])
     self.num_classes, self.image_shape = split.num_classes, split.images.shape[1:]
-    self._eval = {}
 
   def __len__(self):
-    return len(self.labels)
+    return len(self.split)
 
   def epoch_batches(self, seed: int, epoch: int, batch: int):
-    for idx in data.epoch_batches(np.random.default_rng([seed, epoch]), len(self), batch):
+    """This process's part (``batch`` rows) of each global batch of an epoch."""
+    for idx in data.epoch_batches(np.random.default_rng([seed, epoch]), len(self.labels), batch):
       yield {'image': self.images[idx], 'label': self.labels[idx]}
 
-  def eval_batches(self, batch: int) -> list[dict]:
-    """All examples in order; the last batch padded with label -1 (one compiled shape)."""
-    if batch not in self._eval:
-      n, pad = len(self), -len(self) % batch
-      images = jnp.concatenate([self.images, jnp.zeros((pad, *self.image_shape), jnp.uint8)])
-      labels = jnp.concatenate([self.labels, jnp.full(pad, -1, self.labels.dtype)])
-      self._eval[batch] = [{'image': images[i:i + batch], 'label': labels[i:i + batch]}
-                           for i in range(0, n + pad, batch)]
-    return self._eval[batch]
+  def eval_batches(self, batch: int):
+    """All examples in order in global batches of ``batch``, the last padded with label -1 (one
+    compiled shape); this process's rows of each."""
+    yield from data.eval_batches(self.split.images, self.split.labels, batch)
 
 
 class Training:
@@ -81,13 +79,15 @@ class Training:
     if len(train) < config.batch_size:
       raise UserError(f'batch_size {config.batch_size} is larger than the training split '
                       f'({len(train)} images): lower it or use more data')
+    self.local_batch = parallel.check_batch(config.batch_size, 'batch_size')
+    parallel.check_batch(config.test_batch_size, 'test_batch_size')
     self.net = build_network(config, train.num_classes)
     self.cfg = steps.TrainConfig(
         mean=self.mean, std=self.std, momentum=config.momentum,
         weight_decay=config.weight_decay, clip=config.clip, aux_weight=config.model.aux_weight,
         label_smoothing=config.label_smoothing, cutout=config.cutout,
         augment='imagenet' if isinstance(train, imagenet.Stream) else 'cifar')
-    self.steps_per_epoch = len(train) // config.batch_size
+    self.steps_per_epoch = len(train) // jax.process_count() // self.local_batch
     self.key = jax.random.key(config.seed)
     # XLA's RngBitGenerator: the initialiser compiles 4x faster than with threefry keys
     self.init_key = jax.random.key(config.seed, impl='unsafe_rbg')
@@ -102,8 +102,12 @@ class Training:
     """The newest checkpoint's state and record, or a fresh state and record."""
     step = self.checkpoints.latest()
     if step is None:
-      return self.initial_state(), {'epoch': 0, 'history': [], 'scalars_lines': 0}
-    state, record = self.checkpoints.restore(step, jax.eval_shape(self.initial_state))
+      return parallel.replicate(self.initial_state()), {'epoch': 0, 'history': [],
+                                                        'scalars_lines': 0}
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=parallel.replicated()),
+                            jax.eval_shape(self.initial_state))
+    state, record = self.checkpoints.restore(step, template)
     metrics.truncate_scalars(self.workdir, record['scalars_lines'])
     log.info(f'resuming after epoch {record["epoch"]} from {self.checkpoints.directory / str(step)}')
     return state, record
@@ -117,8 +121,10 @@ class Training:
     writer = metrics.Writer(self.workdir)
     progress = metrics.Progress((c.epochs - record['epoch']) * self.steps_per_epoch, c.log_every)
     t0 = time.perf_counter()
-    example = jax.ShapeDtypeStruct((c.batch_size, *self.train.image_shape), jnp.uint8)
-    example = {'image': example, 'label': jax.ShapeDtypeStruct((c.batch_size,), jnp.int32)}
+    example = {'image': jax.ShapeDtypeStruct((c.batch_size, *self.train.image_shape), jnp.uint8,
+                                             sharding=parallel.batch_sharded()),
+               'label': jax.ShapeDtypeStruct((c.batch_size,), jnp.int32,
+                                             sharding=parallel.batch_sharded())}
     step = steps.train_step.lower(state, example, np.float32(0), np.float32(0), self.key,
                                   net=self.net, cfg=self.cfg).compile()
     log.info(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
@@ -128,8 +134,8 @@ class Training:
       epoch_key = jax.random.fold_in(self.key, epoch)
       sums = {'loss': 0.0, 'accuracy': 0.0}
       t0 = time.perf_counter()
-      for n, batch in enumerate(self.train.epoch_batches(c.seed, epoch, c.batch_size)):
-        state, m = step(state, batch, np.float32(lr), np.float32(drop),
+      for n, batch in enumerate(self.train.epoch_batches(c.seed, epoch, self.local_batch)):
+        state, m = step(state, parallel.shard_batch(batch), np.float32(lr), np.float32(drop),
                         jax.random.fold_in(epoch_key, n))
         sums = {k: sums[k] + m[k] for k in sums}
         progress.update(f'epoch {epoch + 1}/{c.epochs}', n + 1, self.steps_per_epoch,
@@ -181,7 +187,8 @@ class Training:
     """Plain cross-entropy and accuracy on the whole test split."""
     total = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
     for batch in self.test.eval_batches(self.config.test_batch_size):
-      out = steps.test_step(state, batch, net=self.net, mean=self.mean, std=self.std)
+      out = steps.test_step(state, parallel.shard_batch(batch), net=self.net, mean=self.mean,
+                            std=self.std)
       total = {k: total[k] + out[k] for k in total}
     count = int(total['count'])
     return {'loss': float(total['loss_sum']) / count, 'accuracy': int(total['correct']) / count}

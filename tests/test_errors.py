@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from prnas_jax import data, genotype, ops, search
+from prnas_jax import data, genotype, ops, parallel, search
 from prnas_jax.config import search_config
 from prnas_jax.errors import UserError
 
@@ -96,6 +96,13 @@ def _diverge(tmp):
     return _raises(search.run, config, tmp / 'run')
 
 
+def _on_devices(n, fn, *args):
+  """``_raises(fn, *args)`` as if JAX saw ``n`` devices."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(parallel.jax, 'device_count', lambda: n)
+    return _raises(fn, *args)
+
+
 ROWS = {
     'config file missing': lambda t: _search(t, config=('--config', 'configs/tiyn.py')),
     'no config file': lambda t: _search(t, config=()),
@@ -130,6 +137,9 @@ ROWS = {
     'batch larger than the split': lambda t: _search(
         t, '--config.data.dataset=folder', f'--config.data.folder={_images(t / "ds")}'),
     'NaN or inf loss': _diverge,
+    'batch that does not divide among the devices': lambda t: _on_devices(
+        8, parallel.check_batch, 36, 'search.batch_size'),
+    'multi-process run outside a cluster': lambda t: _search(t, '--distributed'),
 }
 
 
