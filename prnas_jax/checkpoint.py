@@ -39,9 +39,14 @@ class Checkpoints:
                       ' free disk space and rerun the same command to resume from the last '
                       'complete checkpoint') from e
 
+  def record(self, step: int) -> dict:
+    """The record of checkpoint ``step`` alone (it may describe the template of its state)."""
+    return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))[
+        'record']
+
   def restore(self, step: int, template):
     """``(state, record)`` of checkpoint ``step``; ``state`` takes the structure, shapes and
-    dtypes of ``template`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    dtypes of ``template`` (arrays or ``jax.ShapeDtypeStruct``; None: as saved)."""
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template), record=ocp.args.JsonRestore()))
     return out['state'], out['record']
