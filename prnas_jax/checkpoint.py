@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from prnas_jax.errors import UserError
@@ -46,10 +49,12 @@ class Checkpoints:
 
   def restore(self, step: int, template):
     """``(state, record)`` of checkpoint ``step``; ``state`` takes the structure, shapes and
-    dtypes of ``template`` (arrays or ``jax.ShapeDtypeStruct``; None: as saved)."""
+    dtypes of ``template`` (arrays or ``jax.ShapeDtypeStruct``; None: as saved). The arrays are
+    uncommitted to a device, like freshly created ones, so that a jitted step lowers to the same
+    program as in the uninterrupted run (a persistent compilation cache hit)."""
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template), record=ocp.args.JsonRestore()))
-    return out['state'], out['record']
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), out['state']), out['record']
 
   def close(self) -> None:
     self._manager.close()

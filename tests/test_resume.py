@@ -1,7 +1,7 @@
 """Kill anywhere, resume exactly: a two-stage search as a subprocess, SIGKILLed mid-epoch, between
-stages, at a stage's start and while writing a checkpoint, each time rerun with the same workdir,
-ends exactly as an uninterrupted run of the same config (genotype, stage records, scalars, final
-weights and alphas). The runs share a persistent XLA cache: only the reference run compiles."""
+stages and while writing a checkpoint, each time rerun with the same workdir, ends exactly as an
+uninterrupted run of the same config (genotype, stage records, scalars, final weights and alphas).
+The runs share a persistent XLA cache: only the reference run compiles."""
 import json
 import os
 import signal
@@ -18,11 +18,11 @@ from prnas_jax import checkpoint, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
-# 200 images: 5 steps of 20 per epoch; stage 0 (4 candidates per edge) 2 epochs, stage 1 (3) 1
-OVERRIDES = ['--config.data.max_train=0', '--config.search.batch_size=20',
+# 120 images: 3 steps of 20 per epoch; stage 0 (4 candidates per edge) 2 epochs, stage 1 (2) 1
+OVERRIDES = ['--config.data.max_train=120', '--config.search.batch_size=20',
              '--config.search.init_channels=4', '--config.log_every=1',
              "--config.search.stages.epochs=(2, 1)", "--config.search.stages.grace_epochs=(1, 0)",
-             "--config.search.stages.keep=(3, 1)", "--config.search.stages.new=(1, 0)",
+             "--config.search.stages.keep=(2, 1)", "--config.search.stages.new=(1, 0)",
              "--config.search.stages.add_layers=(0, 0)", "--config.search.stages.add_width=(0, 0)",
              "--config.search.stages.skip_dropout=(0.0, 0.0)"]
 TIMING = {'epoch/seconds', 'epoch/images_per_s', 'stage/compile_s', 'stage/images_per_s'}
@@ -84,17 +84,19 @@ def _checkpoints(workdir: Path) -> tuple[list[int], list[str]]:
   return sorted(int(n) for n in names if n.isdigit()), [n for n in names if 'tmp' in n]
 
 
-def _writing_checkpoint(workdir, _):
-  return (workdir / 'checkpoints').is_dir() and bool(_checkpoints(workdir)[1])
+def _writing_checkpoint(step: int):
+  """The event: checkpoint ``step`` is being written (its temporary directory exists)."""
+  return lambda workdir, _: (workdir / 'checkpoints').is_dir() and any(
+      name.startswith(f'{step}.') for name in _checkpoints(workdir)[1])
 
 
 # (kill point, the event, the newest complete checkpoint after the kill); checkpoint numbering:
-# 0 = stage 0's start, 1 and 2 after its epochs, 3 = stage 1's start, 4 after its epoch
+# 0 = stage 0's start, 1 and 2 after its epochs, 3 = stage 1's start, 4 after its epoch. The last
+# kill hits the writing of checkpoint 4, so the final rerun resumes at stage 1's start.
 KILLS = [
-    ('mid-epoch', lambda w, log: 'stage 0 epoch 2/2 step 2/5 |' in log, 1),
+    ('mid-epoch', lambda w, log: 'stage 0 epoch 2/2 step 2/3 |' in log, 1),
     ('between stages', lambda w, log: (w / 'stages' / 'stage0.json').exists(), 2),
-    ("at a stage's start", lambda w, log: 'stage 1: 3 cells' in log, 3),
-    ('while writing a checkpoint', _writing_checkpoint, 3),
+    ('while writing a checkpoint', _writing_checkpoint(4), 3),
 ]
 
 
