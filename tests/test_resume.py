@@ -1,7 +1,7 @@
 """Kill anywhere, resume exactly: a two-stage search as a subprocess, SIGKILLed mid-epoch, between
 stages and while writing a checkpoint, each time rerun with the same workdir, ends exactly as an
 uninterrupted run of the same config (genotype, stage records, scalars, final weights and alphas).
-The runs share a persistent XLA cache: only the reference run compiles."""
+The runs share a persistent XLA cache: only the reference run compiles from scratch."""
 import json
 import os
 import signal
