@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from prnas_jax.errors import UserError
@@ -39,13 +41,21 @@ class Checkpoints:
                       ' free disk space and rerun the same command to resume from the last '
                       'complete checkpoint') from e
 
+  def record(self, step: int) -> dict:
+    """The record of checkpoint ``step`` alone (it may describe the template of its state)."""
+    return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))[
+        'record']
+
   def restore(self, step: int, template=None):
-    """``(state, record)`` of checkpoint ``step``; ``state`` takes the structure, shapes and
-    dtypes of ``template`` (arrays or ``jax.ShapeDtypeStruct``), or without one the saved
-    structure as nested dicts of arrays."""
+    """``(state, record)`` of checkpoint ``step``; ``state`` as host arrays with the structure,
+    shapes and dtypes of ``template`` (arrays or ``jax.ShapeDtypeStruct``), or without one as
+    saved. The caller places them (``parallel.replicate``), exactly as a fresh state is placed,
+    so a resumed step compiles to the uninterrupted run's program."""
+    if template is not None:  # read unsharded: every process reads the whole (replicated) state
+      template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template), record=ocp.args.JsonRestore()))
-    return out['state'], out['record']
+    return jax.tree.map(np.asarray, out['state']), out['record']
 
   def close(self) -> None:
     self._manager.close()

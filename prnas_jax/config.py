@@ -67,6 +67,7 @@ def search_config() -> ml_collections.ConfigDict:
       max_skip_normal=-1,  # P-DARTS skip-connect limit on the final normal cell (-1 = off)
       dw_form='',  # depthwise convolution form: '' = per backend, grouped | dense
       remat=False,  # recompute cell activations in the backward pass: less memory, more time
+      checkpoints_kept=2,  # the newest checkpoints kept in WORKDIR/checkpoints
   ))
   c.log_every = 50  # steps between progress lines
   return c
@@ -113,6 +114,9 @@ def validate(config) -> None:
   if s.batch_size < 1 or s.layers < 3 or s.init_channels < 2 or s.init_channels % 2:
     raise UserError('search.batch_size must be >= 1, search.layers >= 3 and '
                     'search.init_channels an even number >= 2')
+  if s.checkpoints_kept < 1:
+    raise UserError(f'search.checkpoints_kept = {s.checkpoints_kept}: keep at least 1, the run '
+                    'resumes from the newest checkpoint')
   if not 0 < config.data.train_portion < 1:
     raise UserError(f'data.train_portion = {config.data.train_portion}: use a value in (0, 1)')
   if config.data.dataset == 'folder' and not config.data.folder:

@@ -5,6 +5,9 @@ Each stage builds the supernet of the current candidate pools, takes over the pr
 weights by name, initialises new candidates from their parents, trains with fresh alphas and
 optimizers, then prunes every edge by softmax(alpha) and morphs survivors into new candidates.
 The last stage derives the genotype. Everything a run writes lands in its workdir.
+
+A checkpoint is written at every stage's start and after every epoch; rerunning the same command
+resumes from the newest one and ends exactly where an uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import (cli, data, genotype, metrics, morph, parallel, report, space, steps,
-                       supernet)
+from prnas_jax import (checkpoint, cli, data, genotype, metrics, morph, parallel, report, space,
+                       steps, supernet)
 from prnas_jax.config import STAGE_KEYS, validate
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -95,14 +98,42 @@ def prune_and_replace(sp, probs, config, stage: int, rng: np.random.Generator) -
   return events
 
 
+def checkpoint_step(epochs, stage: int, epoch: int) -> int:
+  """The number of the checkpoint after ``epoch`` epochs of ``stage``: epochs completed in all
+  stages plus the stage index, so that a stage's start (checkpoint ``epoch`` 0, its supernet
+  built with the pruned and morphed space) follows the previous stage's last epoch."""
+  return sum(epochs[:stage]) + epoch + stage
+
+
+def _generator(state: dict) -> np.random.Generator:
+  """A numpy Generator in the ``bit_generator.state`` recorded in a checkpoint."""
+  rng = np.random.default_rng()
+  rng.bit_generator.state = state
+  return rng
+
+
+def finished(config, workdir: Path) -> genotype.Genotype | None:
+  """The genotype of the search of ``config`` that ran to its end in ``workdir``, else None."""
+  path = workdir / 'genotype.json'
+  if not path.exists():
+    return None
+  checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints', config.search.checkpoints_kept)
+  latest = checkpoints.latest()
+  checkpoints.close()
+  epochs = config.search.stages.epochs
+  return genotype.load(path) if latest == checkpoint_step(epochs, len(epochs) - 1,
+                                                          epochs[-1]) else None
+
+
 class Search:
-  """The stage loop of one search run."""
+  """The stage loop of one search run. A checkpoint is written at every stage's start and after
+  every epoch (see ``checkpoint_step``); a new ``Search`` in the same workdir continues from the
+  newest one exactly as the uninterrupted run would."""
 
   def __init__(self, config, workdir: Path):
     self.config, self.workdir = config, workdir
     self.local_batch = parallel.check_batch(config.search.batch_size, 'search.batch_size')
     self.splits = load_data(config)
-    self.writer = metrics.Writer(workdir)
     self.space = space.initial_space(config.search.start)
     self.key = jax.random.key(config.seed)
     self.morph_rng = np.random.default_rng([config.seed, 0])
@@ -110,44 +141,62 @@ class Search:
     self.steps_per_epoch = min(len(self.splits.weights['label']),
                                len(self.splits.alphas['label'])) // self.local_batch
     self.epoch = 0  # global epoch counter (TensorBoard x axis)
-    self.progress = metrics.Progress(
-        sum(config.search.stages.epochs) * self.steps_per_epoch, config.log_every)
+    self.checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints',
+                                              config.search.checkpoints_kept)
 
   def run(self) -> genotype.Genotype:
-    stages = self.config.search.stages
+    epochs = self.config.search.stages.epochs
+    first, e, net, state, timing = self.resume() or (0, 0, None, None, None)
+    self.writer = metrics.Writer(self.workdir)
+    self.progress = metrics.Progress((sum(epochs) - self.epoch) * self.steps_per_epoch,
+                                     self.config.log_every)
     previous = None
-    for i in range(len(stages.epochs)):
-      net, variables = self.build_stage(i, previous)
-      state, probs = self.train_stage(i, net, variables)
+    for i in range(first, len(epochs)):
+      if state is None:
+        net, state = self.build_stage(i, previous)
+        e, timing = 0, {'compile_s': 0.0, 'train_s': 0.0}
+        self.save(i, e, state, timing)
+      state = self.train_stage(i, net, state, e, timing)
       previous = (net, {'params': state.params, 'batch_stats': state.batch_stats})
-      record = {'stage': i, 'layers': net.layers, 'channels': net.channels,
-                'probs': {kind: [{str(self.space[kind].candidates[c]): p for c, p in e.items()}
-                                 for e in probs[kind]] for kind in self.space}}
-      if i == len(stages.epochs) - 1:
-        geno = derive(self.space, probs, self.config.search.max_skip_normal)
-      record['events'] = prune_and_replace(self.space, probs, self.config, i, self.morph_rng)
-      record['space'] = {kind: cell.to_json() for kind, cell in self.space.items()}
-      write_json(self.workdir / 'stages' / f'stage{i}.json', record)
-      self.log_events(i, record['events'])
-    self.log_space(len(stages.epochs))
+      geno = self.end_stage(i, net, state)
+      state = None
+    self.log_space(len(epochs))
     if parallel.is_main_process():  # every process holds the same genotype
-      genotype.save(geno, self.workdir / 'genotype.json')
       if (darts := geno.to_darts()) is not None:
         write_json(self.workdir / 'genotype_darts.json', darts)
+      genotype.save(geno, self.workdir / 'genotype.json')  # last: it marks the search finished
     log.info(f'genotype: {genotype.dumps(geno)}')
     self.writer.close()
+    self.checkpoints.close()
     if parallel.is_main_process():
       log.info(f'pictures: {", ".join(p.name for p in report.draw_run(self.workdir))}')
     return geno
 
-  def build_stage(self, i: int, previous):
-    """The stage's supernet and its variables: carried over by name when depth and width are
-    unchanged (new candidates initialised from their parents), else fresh."""
+  def supernet(self, i: int) -> supernet.Supernet:
     s, st = self.config.search, self.config.search.stages
-    net = supernet.build(self.space, layers=s.layers + st.add_layers[i],
-                         channels=s.init_channels + st.add_width[i],
-                         num_classes=self.splits.num_classes, dw_form=s.dw_form or None,
-                         remat=s.remat)
+    return supernet.build(self.space, layers=s.layers + st.add_layers[i],
+                          channels=s.init_channels + st.add_width[i],
+                          num_classes=self.splits.num_classes, dw_form=s.dw_form or None,
+                          remat=s.remat)
+
+  def step_config(self, i: int) -> steps.StepConfig:
+    s = self.config.search
+    return steps.StepConfig(
+        mean=self.splits.mean, std=self.splits.std, momentum=s.momentum,
+        weight_decay=s.weight_decay, clip=s.clip, alpha_lr=s.alpha_lr, alpha_b1=s.alpha_b1,
+        alpha_b2=s.alpha_b2, alpha_weight_decay=s.alpha_weight_decay, alpha_clip=s.alpha_clip,
+        cutout=s.cutout, skip_dropout=s.stages.skip_dropout[i] > 0)
+
+  def new_state(self, i: int, net, variables, k_alpha) -> steps.SearchState:
+    """Stage ``i``'s state: ``variables``, fresh alphas and fresh optimizers."""
+    alphas = supernet.init_alphas(k_alpha, supernet.alpha_masks(net.edge_ops()))
+    return steps.create_state(variables, alphas, self.step_config(i))
+
+  def build_stage(self, i: int, previous):
+    """The stage's supernet and its state: variables carried over by name when depth and width
+    are unchanged (new candidates initialised from their parents), else fresh."""
+    s = self.config.search
+    net = self.supernet(i)
     self.key, k_init, k_morph = jax.random.split(self.key, 3)
     variables = supernet.init_variables(net, k_init, self.splits.image_shape)
     if previous is not None and (previous[0].layers, previous[0].channels) == (net.layers,
@@ -160,34 +209,62 @@ class Search:
     for cell in self.space.values():
       cell.clear_pending()
     self.log_space(i)
-    self.writer.scalars(i, {f'stage/{k}': st[k][i] for k in STAGE_KEYS} |
+    self.writer.scalars(i, {f'stage/{k}': s.stages[k][i] for k in STAGE_KEYS} |
                         {'stage/layers': net.layers, 'stage/channels': net.channels})
-    return net, variables
+    self.key, k_alpha = jax.random.split(self.key)
+    return net, parallel.replicate(self.new_state(i, net, variables, k_alpha))
 
-  def train_stage(self, i: int, net, variables):
+  def save(self, i: int, e: int, state, timing: dict) -> None:
+    """Checkpoint ``(i, e)``: the state and jax key as arrays; the space, numpy random states,
+    scalars written so far and the stage's timing as the record."""
+    record = {'stage': i, 'epoch': e, 'scalars_lines': self.writer.lines,
+              'space': {kind: cell.to_json() for kind, cell in self.space.items()},
+              'morph_rng': self.morph_rng.bit_generator.state,
+              'batch_rng': self.batch_rng.bit_generator.state, **timing}
+    self.checkpoints.save(checkpoint_step(self.config.search.stages.epochs, i, e),
+                          {'state': state, 'key': jax.random.key_data(self.key)}, record)
+
+  def resume(self):
+    """Restores the newest checkpoint, if any (space, random states, epoch counter; scalars.jsonl
+    cut back to what was written then) and returns its ``(stage, epoch, net, state, timing)``."""
+    step = self.checkpoints.latest()
+    if step is None:
+      return None
+    record = self.checkpoints.record(step)
+    i, e = record['stage'], record['epoch']
+    self.space = {kind: space.CellSpace.from_json(obj) for kind, obj in record['space'].items()}
+    self.morph_rng, self.batch_rng = _generator(record['morph_rng']), _generator(
+        record['batch_rng'])
+    self.epoch = sum(self.config.search.stages.epochs[:i]) + e
+    net = self.supernet(i)
+    template = jax.eval_shape(lambda k: {
+        'state': self.new_state(i, net, supernet.init_variables(net, k, self.splits.image_shape),
+                                k),
+        'key': jax.random.key_data(k)}, self.key)
+    tree, _ = self.checkpoints.restore(step, template)
+    self.key = jax.random.wrap_key_data(tree['key'])
+    metrics.truncate_scalars(self.workdir, record['scalars_lines'])
+    log.info(f'resuming from checkpoint {step} (stage {i}, epoch {e})')
+    return i, e, net, parallel.replicate(tree['state']), {k: record[k] for k in ('compile_s',
+                                                                              'train_s')}
+
+  def train_stage(self, i: int, net, state, first: int, timing: dict):
+    """Epochs ``first..`` of stage ``i``, a checkpoint after each; returns the trained state.
+    ``timing`` (compile and training seconds of the stage) is updated."""
     s, st = self.config.search, self.config.search.stages
     epochs, grace, p_drop = st.epochs[i], st.grace_epochs[i], st.skip_dropout[i]
-    cfg = steps.StepConfig(
-        mean=self.splits.mean, std=self.splits.std, momentum=s.momentum,
-        weight_decay=s.weight_decay, clip=s.clip, alpha_lr=s.alpha_lr, alpha_b1=s.alpha_b1,
-        alpha_b2=s.alpha_b2, alpha_weight_decay=s.alpha_weight_decay, alpha_clip=s.alpha_clip,
-        cutout=s.cutout, skip_dropout=p_drop > 0)
-    masks = supernet.alpha_masks(net.edge_ops())
-    self.key, k_alpha = jax.random.split(self.key)
-    state = parallel.replicate(steps.create_state(variables, supernet.init_alphas(k_alpha, masks),
-                                                  cfg))
-    widths = {k: [len(c) for c in net.edge_ops()[k]] for k in self.space}
-    log.info(f'stage {i}: {net.layers} cells, C={net.channels}, candidates per edge '
-             f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling')
-
     batch = lambda split, idx: parallel.shard_batch({'image': split['image'][idx],
                                                      'label': split['label'][idx]})
-    update, compile_s = steps.compile_update_step(
-        state, batch(self.splits.weights, jnp.arange(self.local_batch)), net=net, cfg=cfg)
-    log.info(f'stage {i}: compiled in {compile_s:.1f} s')
+    if first < epochs:
+      widths = {k: [len(c) for c in net.edge_ops()[k]] for k in self.space}
+      log.info(f'stage {i}: {net.layers} cells, C={net.channels}, candidates per edge '
+               f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling')
+      update, timing['compile_s'] = steps.compile_update_step(
+          state, batch(self.splits.weights, jnp.arange(self.local_batch)), net=net,
+          cfg=self.step_config(i))
+      log.info(f'stage {i}: compiled in {timing["compile_s"]:.1f} s')
 
-    train_s = 0.0
-    for e in range(epochs):
+    for e in range(first, epochs):
       lr = steps.epoch_cosine(s.lr, s.lr_min, epochs, e)
       drop = p_drop * ((epochs - e - 1) / epochs if e < grace else np.exp(-0.2 * (e - grace)))
       w_idx = data.epoch_batches(self.batch_rng, len(self.splits.weights['label']),
@@ -207,7 +284,6 @@ class Search:
                              s.batch_size, lambda: {'loss': float(sums['loss']) / (n + 1)})
       train = {name: float(v) / self.steps_per_epoch for name, v in sums.items()}
       seconds = time.perf_counter() - t0
-      train_s += seconds
       losses = np.asarray(jax.device_get(losses))
       if not np.isfinite(losses).all():
         n = int(np.argmin(np.isfinite(losses)))
@@ -228,11 +304,30 @@ class Search:
       log.info(f'{line} ({seconds:.1f} s)')
       self.writer.scalars(self.epoch, scalars)
       self.epoch += 1
+      timing['train_s'] += seconds
+      self.save(i, e + 1, state, timing)
     parallel.check_same(jax.device_get(state.alphas), f'the alphas of stage {i}')
-    images_per_s = epochs * self.steps_per_epoch * s.batch_size / max(train_s, 1e-9)
-    self.writer.scalars(i, {'stage/compile_s': compile_s, 'stage/images_per_s': images_per_s})
-    log.info(f'stage {i}: {images_per_s:.1f} img/s, compile {compile_s:.1f} s')
-    return state, stage_probs(self.space, state, net)
+    images_per_s = epochs * self.steps_per_epoch * s.batch_size / max(timing['train_s'], 1e-9)
+    self.writer.scalars(i, {'stage/compile_s': timing['compile_s'],
+                            'stage/images_per_s': images_per_s})
+    log.info(f'stage {i}: {images_per_s:.1f} img/s, compile {timing["compile_s"]:.1f} s')
+    return state
+
+  def end_stage(self, i: int, net, state) -> genotype.Genotype | None:
+    """Prunes and morphs by the trained alphas of stage ``i`` (recorded in stages/stage<i>.json);
+    returns the genotype derived after the last stage."""
+    probs = stage_probs(self.space, state, net)
+    record = {'stage': i, 'layers': net.layers, 'channels': net.channels,
+              'probs': {kind: [{str(self.space[kind].candidates[c]): p for c, p in e.items()}
+                               for e in probs[kind]] for kind in self.space}}
+    geno = None
+    if i == len(self.config.search.stages.epochs) - 1:
+      geno = derive(self.space, probs, self.config.search.max_skip_normal)
+    record['events'] = prune_and_replace(self.space, probs, self.config, i, self.morph_rng)
+    record['space'] = {kind: cell.to_json() for kind, cell in self.space.items()}
+    write_json(self.workdir / 'stages' / f'stage{i}.json', record)
+    self.log_events(i, record['events'])
+    return geno
 
   def evaluate(self, state, net) -> dict:
     """Eval-mode loss and accuracy on the alpha split (whole batches)."""
@@ -271,8 +366,12 @@ def run(config, workdir, overwrite: bool = False) -> genotype.Genotype:
   validate(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  cli.claim_workdir(workdir, config, overwrite)
+  cli.claim_workdir(workdir, config, overwrite, outputs=(
+      'checkpoints', 'scalars.jsonl', 'tb', 'stages', 'genotype.json', 'genotype_darts.json'))
   metrics.setup_logging(workdir)
+  if geno := finished(config, workdir):
+    log.info(f'the search in {workdir} has finished: genotype: {genotype.dumps(geno)}')
+    return geno
   log.info(f'search into {workdir} on {jax.default_backend()}:\n{config}')
   return Search(config, workdir).run()
 

@@ -104,10 +104,8 @@ class Training:
     if step is None:
       return parallel.replicate(self.initial_state()), {'epoch': 0, 'history': [],
                                                         'scalars_lines': 0}
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=parallel.replicated()),
-                            jax.eval_shape(self.initial_state))
-    state, record = self.checkpoints.restore(step, template)
+    state, record = self.checkpoints.restore(step, jax.eval_shape(self.initial_state))
+    state = parallel.replicate(state)
     metrics.truncate_scalars(self.workdir, record['scalars_lines'])
     log.info(f'resuming after epoch {record["epoch"]} from {self.checkpoints.directory / str(step)}')
     return state, record

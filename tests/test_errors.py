@@ -1,6 +1,8 @@
 """Bad input: every row of docs/errors.md is produced here and compared with the line the table
 shows (``DIR`` stands for the test's temporary folder, ``...`` for any text). Entry-point rows run
 ``python -m prnas_jax.search`` and check that the error is its only ``error:`` line."""
+import contextlib
+import errno
 import json
 import os
 import re
@@ -8,10 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from prnas_jax import data, genotype, ops, parallel, search
+from prnas_jax import checkpoint, data, genotype, ops, parallel, search
 from prnas_jax.config import search_config
 from prnas_jax.errors import UserError
 
@@ -81,19 +84,58 @@ def _replace(cell, n, entry):
   return edit
 
 
-def _diverge(tmp):
-  """A one-stage search on 16 images of 8x8 with search.lr = 1e30: one compile, kept short by a
-  start set of one candidate (skip) per edge."""
+@contextlib.contextmanager
+def _skip_only(tmp, lr: float):
+  """The config of a one-stage search on 16 images of 8x8 with ``search.lr`` = ``lr``: one
+  compile, kept short by a start set of one candidate (skip) per edge."""
   config = search_config()
   config.data.dataset, config.data.folder = 'folder', str(_images(tmp / 'ds', [(8, 8)] * 16))
   s = config.search
-  s.layers, s.init_channels, s.batch_size, s.valid_epochs, s.lr = 3, 2, 2, 0, 1e30
+  s.layers, s.init_channels, s.batch_size, s.valid_epochs, s.lr = 3, 2, 2, 0, lr
   s.stages.epochs, s.stages.grace_epochs, s.stages.keep, s.stages.new = (1,), (0,), (1,), (0,)
   s.stages.add_layers, s.stages.add_width, s.stages.skip_dropout = (0,), (0,), (0.0,)
   with pytest.MonkeyPatch.context() as patch:
     patch.setitem(ops.START_SETS, 'skip', (ops.Skip(),))
     s.start = 'skip'
-    return _raises(search.run, config, tmp / 'run')
+    yield config
+
+
+def _assert_stage_start_is_latest(workdir):
+  """The newest readable checkpoint of ``workdir`` is the first one: stage 0's start."""
+  checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints', 2)
+  assert checkpoints.latest() == 0
+  tree, record = checkpoints.restore(0, None)
+  checkpoints.close()
+  assert (record['stage'], record['epoch']) == (0, 0) and tree['state']['alphas']
+
+
+def _diverge(tmp):
+  """``search.lr`` = 1e30: the loss of the first epoch is not finite; its start's checkpoint
+  stays."""
+  with _skip_only(tmp, 1e30) as config:
+    line = _raises(search.run, config, tmp / 'run')
+  _assert_stage_start_is_latest(tmp / 'run')
+  return line
+
+
+def _disk_full(tmp):
+  """The disk is full when checkpoint 1 (after the first epoch) is written; checkpoint 0 stays
+  the newest, and once there is space the same run resumes from it and finishes."""
+  def full(manager, step, *args, **kwargs):
+    if step > 0:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save(manager, step, *args, **kwargs)
+
+  save = ocp.CheckpointManager.save
+  with _skip_only(tmp, 0.025) as config:
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(ocp.CheckpointManager, 'save', full)
+      line = _raises(search.run, config, tmp / 'run')
+    _assert_stage_start_is_latest(tmp / 'run')
+    search.run(config, tmp / 'run')
+  assert 'resuming from checkpoint 0 (stage 0, epoch 0)' in (tmp / 'run' / 'log.txt').read_text()
+  assert (tmp / 'run' / 'genotype.json').exists()
+  return line
 
 
 def _on_devices(n, fn, *args):
@@ -140,6 +182,8 @@ ROWS = {
     'batch that does not divide among the devices': lambda t: _on_devices(
         8, parallel.check_batch, 36, 'search.batch_size'),
     'multi-process run outside a cluster': lambda t: _search(t, '--distributed'),
+    'no checkpoint kept': lambda t: _search(t, '--config.search.checkpoints_kept=0'),
+    'disk full while writing a checkpoint': _disk_full,
 }
 
 
