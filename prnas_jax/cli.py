@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 from flax import traverse_util
 
@@ -78,6 +78,7 @@ def run(main, args: tuple[str, ...] = ()) -> None:
   ``args`` names the positional arguments (e.g. ``('WORKDIR',)``); ``main`` gets them in order.
   """
   def guarded(argv):
+    logging.set_verbosity(logging.WARNING)  # orbax logs a dozen INFO lines per checkpoint
     given = argv[1:]
     if len(given) != len(args):
       want = ' '.join(args) or 'no arguments'

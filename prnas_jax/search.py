@@ -222,7 +222,8 @@ class Search:
               'morph_rng': self.morph_rng.bit_generator.state,
               'batch_rng': self.batch_rng.bit_generator.state, **timing}
     self.checkpoints.save(checkpoint_step(self.config.search.stages.epochs, i, e),
-                          {'state': state, 'key': jax.random.key_data(self.key)}, record)
+                          {'state': state, 'key': parallel.replicate(jax.random.key_data(self.key))},
+                          record)
 
   def resume(self):
     """Restores the newest checkpoint, if any (space, random states, epoch counter; scalars.jsonl

@@ -1,5 +1,5 @@
 """The stage loop: config validation, pruning/morphing across a stage, derivation, and a tiny
-search end to end on the real CIFAR-10 copy (twice, for determinism)."""
+search end to end on the real CIFAR-10 copy."""
 import json
 import runpy
 import subprocess
@@ -146,20 +146,17 @@ def test_derive_on_hand_made_probabilities():
 
 @pytest.fixture(scope='module')
 def tiny_runs(cifar_subset, tmp_path_factory):
-  """The tiny config searched twice with the same seed (fully optimised XLA; the second run
-  reuses the first one's compiled programs)."""
+  """The tiny config searched once (fully optimised XLA). That the same seed gives the same
+  search is checked in test_resume.py (an uninterrupted and a killed-and-resumed run)."""
   import jax
   jax.config.update('jax_disable_most_optimizations', False)
   try:
-    runs = []
-    for _ in range(2):
-      workdir = tmp_path_factory.mktemp('run')
-      config = _load('tiny')
-      with config.unlocked():
-        config.data.dataset, config.data.folder = 'folder', str(cifar_subset)
-        config.data.max_train = 1000  # 15 steps of 32 per epoch: CI time
-      runs.append((search.run(config, workdir), workdir))
-    return runs
+    workdir = tmp_path_factory.mktemp('run')
+    config = _load('tiny')
+    with config.unlocked():
+      config.data.dataset, config.data.folder = 'folder', str(cifar_subset)
+      config.data.max_train = 1000  # 15 steps of 32 per epoch: CI time
+    return [(search.run(config, workdir), workdir)]
   finally:
     jax.config.update('jax_disable_most_optimizations', True)
 
@@ -212,17 +209,6 @@ def test_tiny_search_stage_records(tiny_runs):
   records = metrics.read_scalars(workdir)
   compiles = [r['stage/compile_s'] for r in records if 'stage/compile_s' in r]
   assert len(compiles) == 3
-
-
-def test_same_seed_same_search(tiny_runs):
-  (g1, w1), (g2, w2) = tiny_runs
-  assert g1 == g2
-  for i in range(3):
-    s1 = json.loads((w1 / 'stages' / f'stage{i}.json').read_text())
-    s2 = json.loads((w2 / 'stages' / f'stage{i}.json').read_text())
-    assert s1['events'] == s2['events'] and s1['space'] == s2['space']
-    np.testing.assert_allclose([list(e.values()) for e in s1['probs']['normal']],
-                               [list(e.values()) for e in s2['probs']['normal']], rtol=1e-5)
 
 
 def test_a_workdir_of_another_run_is_refused(tmp_path):
