@@ -50,12 +50,18 @@ def check_picture():
 CIFAR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 
 
+def extract_cifar(dest, *patterns):
+  """The images of the shared CIFAR-10 copy matching ``patterns`` under ``dest`` (the test is
+  skipped if the copy is missing); returns ``dest``."""
+  if not CIFAR.exists():
+    pytest.skip(f'{CIFAR} is missing')
+  subprocess.run(['tar', '-xzf', str(CIFAR), '-C', str(dest), '--wildcards', *patterns],
+                 check=True)
+  return dest
+
+
 @pytest.fixture(scope='session')
 def cifar_subset(tmp_path_factory):
   """300 training and 100 test images per class from the shared CIFAR-10 copy."""
-  if not CIFAR.exists():
-    pytest.skip(f'{CIFAR} is missing')
-  dest = tmp_path_factory.mktemp('cifar10')
-  subprocess.run(['tar', '-xzf', str(CIFAR), '-C', str(dest), '--wildcards',
-                  'train/*/0[0-2]??.jpg', 'test/*/00??.jpg'], check=True)
-  return dest
+  return extract_cifar(tmp_path_factory.mktemp('cifar10'), 'train/*/0[0-2]??.jpg',
+                       'test/*/00??.jpg')

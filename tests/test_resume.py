@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import extract_cifar
 from prnas_jax import checkpoint, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 # 120 images: 3 steps of 20 per epoch; stage 0 (4 candidates per edge) 2 epochs, stage 1 (2) 1
 OVERRIDES = ['--config.data.max_train=120', '--config.search.batch_size=20',
              '--config.search.init_channels=4', '--config.log_every=1',
@@ -32,11 +32,7 @@ TIMEOUT = 300
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
   """The subprocesses' environment, with the data folder as ``FOLDER``."""
-  if not CIFAR.exists():
-    pytest.skip(f'{CIFAR} is missing')
-  root = tmp_path_factory.mktemp('resume')
-  subprocess.run(['tar', '-xzf', str(CIFAR), '-C', str(root), '--wildcards',
-                  'train/*/00[0-1]?.jpg'], check=True)
+  root = extract_cifar(tmp_path_factory.mktemp('resume'), 'train/*/00[0-1]?.jpg')
   return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
           'JAX_COMPILATION_CACHE_DIR': str(root / 'xla'), 'XDG_CACHE_HOME': str(root / 'xdg'),
           'FOLDER': str(root)}
