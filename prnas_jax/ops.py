@@ -8,6 +8,7 @@ when strided) and ``conv(k=K,d=D,mul=[...])``, a stack of ``len(mul)+1`` separab
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import ClassVar, Union
 
@@ -218,27 +219,14 @@ def depthwise_conv(x, kernel, *, stride=1, dilation=1, form=None):
 
   ``kernel`` is (K, K, 1, C). All forms compute the same function: ``'grouped'`` uses
   ``feature_group_count=C``; ``'dense'`` convolves with the dense diagonal kernel
-  ``kernel * eye(C)``; ``'shift'`` sums K*K strided slices of the padded input times their tap,
-  behind an optimisation barrier so that XLA computes it once instead of fusing it into every
-  consumer.
+  ``kernel * eye(C)``; ``'shift'`` sums K*K strided slices of the padded input times their tap
+  (``shift_depthwise``).
   """
   form = form or default_dw_form()
   k, c = kernel.shape[0], kernel.shape[-1]
   p = (k - 1) * dilation // 2
   if form == 'shift':
-    n, h, w, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    ho, wo = (h + 2 * p - dilation * (k - 1) - 1) // stride + 1, (w + 2 * p - dilation * (k - 1) -
-                                                                   1) // stride + 1
-    out = 0.0
-    for i in range(k):
-      for j in range(k):
-        y0, x0 = i * dilation, j * dilation
-        tap = jax.lax.slice(xp, (0, y0, x0, 0),
-                            (n, y0 + (ho - 1) * stride + 1, x0 + (wo - 1) * stride + 1, c),
-                            (1, stride, stride, 1))
-        out = out + tap * kernel[i, j, 0]
-    return jax.lax.optimization_barrier(out)
+    return shift_depthwise(x, kernel, stride, dilation)
   if form == 'grouped':
     rhs, groups = kernel, c
   elif form == 'dense':
@@ -249,6 +237,65 @@ def depthwise_conv(x, kernel, *, stride=1, dilation=1, form=None):
       x, rhs, window_strides=(stride, stride), padding=((p, p), (p, p)),
       rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       feature_group_count=groups)
+
+
+def _taps(xp, k, dilation, stride, size, offset=lambda i: i):
+  """The K*K slices ``xp[:, o(i)*d::s, o(j)*d::s, :]`` of ``size`` (H, W) with their (i, j)."""
+  n, _, _, c = xp.shape
+  for i in range(k):
+    for j in range(k):
+      y0, x0 = offset(i) * dilation, offset(j) * dilation
+      yield (i, j), jax.lax.slice(
+          xp, (0, y0, x0, 0), (n, y0 + (size[0] - 1) * stride + 1, x0 + (size[1] - 1) * stride + 1,
+                               c), (1, stride, stride, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def shift_depthwise(x, kernel, stride, dilation):
+  """Depthwise convolution as K*K shifted slices times their tap, elementwise work only.
+
+  Its hand-written backward pass is made of the same slices (the input gradient is the
+  flipped-kernel convolution of the zero-interleaved output gradient, the kernel gradient one
+  reduction per tap) instead of the K*K padded copies that autodiff of slices would add up.
+  Optimisation barriers around the padded inputs and the results keep XLA from fusing the
+  producers into every tap and the taps into every consumer (each would then be recomputed).
+  """
+  return _shift_forward(x, kernel, stride, dilation)[0]
+
+
+def _shift_forward(x, kernel, stride, dilation):
+  k = kernel.shape[0]
+  p = (k - 1) * dilation // 2
+  xp = jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))))
+  size = tuple((n + 2 * p - dilation * (k - 1) - 1) // stride + 1 for n in x.shape[1:3])
+  out = sum(tap * kernel[i, j, 0] for (i, j), tap in _taps(xp, k, dilation, stride, size))
+  return jax.lax.optimization_barrier(out), (xp, kernel)
+
+
+def _interleave(g, stride, span, in_shape, fill=0.0):
+  """``g`` (an output-sized array) with ``stride - 1`` rows and columns of ``fill`` between its
+  own, and ``span`` before them, so that the backward passes read it with the forward's taps:
+  ``gd[y + p - i*d]`` is a slice starting at ``(K-1-i)*d + p``."""
+  pads = [(span, in_shape[a] + span - (g.shape[a] - 1) * stride - 1, stride - 1) for a in (1, 2)]
+  return jax.lax.optimization_barrier(
+      jax.lax.pad(g, jnp.asarray(fill, g.dtype), [(0, 0, 0), *pads, (0, 0, 0)]))
+
+
+def _shift_backward(stride, dilation, residuals, g):
+  xp, kernel = residuals
+  k, span = kernel.shape[0], (kernel.shape[0] - 1) * dilation
+  p = span // 2
+  d_kernel = jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2))
+                        for _, tap in _taps(xp, k, dilation, stride, g.shape[1:3])])
+  # dx[y] = sum_i gd[y + p - i*d] * w[i], gd = g with stride-1 zeros between rows and columns
+  size = (xp.shape[1] - 2 * p, xp.shape[2] - 2 * p)
+  gp = _interleave(g, stride, span, (0, *size))
+  dx = sum(tap * kernel[i, j, 0] for (i, j), tap in _taps(
+      gp, k, dilation, 1, size, offset=lambda i: k - 1 - i + p // dilation))
+  return jax.lax.optimization_barrier(dx), d_kernel.reshape(kernel.shape)
+
+
+shift_depthwise.defvjp(_shift_forward, _shift_backward)
 
 
 def batch_norm(affine: bool, name: str = 'bn') -> nn.BatchNorm:
@@ -318,16 +365,55 @@ class ConvOp(nn.Module):
     return x
 
 
+def pool(x, spec: Pool, stride: int = 1):
+  """Max or average (padding excluded) KxK pooling with padding K//2."""
+  k, p, s = spec.k, spec.k // 2, stride
+  if spec.kind == 'max':
+    return max_pool(x, k, s)
+  return nn.avg_pool(x, (k, k), (s, s), ((p, p), (p, p)), count_include_pad=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool(x, k: int, stride: int):
+  """KxK max pooling, padding K//2 with -inf, as the maximum of K*K shifted slices.
+
+  The hand-written backward pass sends each output's gradient to the inputs equal to that
+  output's maximum (elementwise, from the same slices), where autodiff of ``reduce_window`` uses
+  ``select_and_scatter``, slow on XLA:CPU. It differs only when two inputs of one window tie
+  for the maximum (then each receives the gradient; ``select_and_scatter`` picks one).
+  """
+  return _max_pool_forward(x, k, stride)[0]
+
+
+def _max_pool_forward(x, k, stride):
+  p = k // 2
+  xp = jax.lax.optimization_barrier(
+      jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf))
+  size = tuple((n - 1) // stride + 1 for n in x.shape[1:3])
+  out = functools.reduce(jnp.maximum, (tap for _, tap in _taps(xp, k, 1, stride, size)))
+  out = jax.lax.optimization_barrier(out)
+  return out, (x, out)
+
+
+def _max_pool_backward(k, stride, residuals, g):
+  x, out = residuals
+  gp, op = (_interleave(a, stride, k - 1, x.shape, fill) for a, fill in ((g, 0), (out, jnp.nan)))
+  offset = lambda i: k - 1 - i + k // 2
+  dx = sum(jnp.where(x == o, t, 0) for (_, t), (_, o) in zip(
+      _taps(gp, k, 1, 1, x.shape[1:3], offset), _taps(op, k, 1, 1, x.shape[1:3], offset)))
+  return (jax.lax.optimization_barrier(dx),)
+
+
+max_pool.defvjp(_max_pool_forward, _max_pool_backward)
+
+
 class PoolOp(nn.Module):
   spec: Pool
   stride: int = 1
 
   def __call__(self, x, train: bool):
     del train
-    k, p, s = self.spec.k, self.spec.k // 2, self.stride
-    if self.spec.kind == 'max':
-      return nn.max_pool(x, (k, k), (s, s), ((p, p), (p, p)))
-    return nn.avg_pool(x, (k, k), (s, s), ((p, p), (p, p)), count_include_pad=False)
+    return pool(x, self.spec, self.stride)
 
 
 class FactorizedReduce(nn.Module):

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from prnas_jax import morph, ops
 from prnas_jax.errors import UserError
@@ -214,3 +215,20 @@ def test_parameter_counts_closed_form(spec, stride, affine):
   else:
     expected = 0
   assert _count(variables.get('params', {})) == expected
+
+
+@pytest.mark.parametrize('k,stride,size', [(3, 1, 8), (3, 2, 8), (3, 2, 9), (5, 1, 7), (5, 2, 8)])
+def test_max_pool_matches_reduce_window(k, stride, size):
+  """Values and gradients of the sliced max pool equal flax's reduce_window form (random
+  inputs: no ties)."""
+  x = jax.random.normal(jax.random.key(5), (2, size, size, C))
+  p = k // 2
+
+  def loss(x, fn):
+    return jnp.sum(jnp.sin(fn(x)) * jnp.arange(1.0, 1.0 + C))
+
+  ours = lambda x: ops.max_pool(x, k, stride)
+  ref = lambda x: nn.max_pool(x, (k, k), (stride, stride), ((p, p), (p, p)))
+  np.testing.assert_array_equal(ours(x), ref(x))
+  np.testing.assert_allclose(jax.grad(loss)(x, ours), jax.grad(loss)(x, ref), rtol=1e-6,
+                             atol=1e-6)
