@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from prnas_jax import morph, ops
+from prnas_jax import morph, ops, steps
 from prnas_jax.errors import UserError
 
 STAGE_KEYS = ('epochs', 'grace_epochs', 'keep', 'new', 'add_layers', 'add_width', 'skip_dropout')
@@ -65,8 +65,9 @@ def search_config() -> ml_collections.ConfigDict:
       reinit_morphed_every_stage=False,  # True: the reference's every-stage re-initialisation
       drop_zero_last=False,  # the reference's --restrict_zero in the last stage
       max_skip_normal=-1,  # P-DARTS skip-connect limit on the final normal cell (-1 = off)
-      dw_form='',  # depthwise convolution form: '' = per backend, grouped | dense
-      remat=False,  # recompute cell activations in the backward pass: less memory, more time
+      dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
+      remat=True,  # recompute each cell (each piece) in the backward pass: less memory
+      programs='pieces',  # one compiled program per supernet piece (fast compile) or 'whole'
       checkpoints_kept=2,  # the newest checkpoints kept in WORKDIR/checkpoints
   ))
   c.log_every = 50  # steps between progress lines
@@ -114,6 +115,9 @@ def validate(config) -> None:
   if s.batch_size < 1 or s.layers < 3 or s.init_channels < 2 or s.init_channels % 2:
     raise UserError('search.batch_size must be >= 1, search.layers >= 3 and '
                     'search.init_channels an even number >= 2')
+  if s.programs not in steps.PROGRAMS:
+    raise UserError(f'search.programs = {s.programs!r} is unknown: use one of '
+                    f'{", ".join(steps.PROGRAMS)}')
   if s.checkpoints_kept < 1:
     raise UserError(f'search.checkpoints_kept = {s.checkpoints_kept}: keep at least 1, the run '
                     'resumes from the newest checkpoint')
@@ -141,7 +145,7 @@ def train_config() -> ml_collections.ConfigDict:
       auxiliary=True,
       aux_weight=0.4,
       drop_path=0.3,  # the rate ramps linearly from 0 to this over training
-      dw_form='',  # depthwise convolution form: '' = per backend, grouped | dense
+      dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
       remat=False,  # recompute cell activations in the backward pass: less memory, more time
   ))
   c.epochs = 600  # 0 = build the network, print its parameter count, exit

@@ -185,7 +185,7 @@ class Search:
         mean=self.splits.mean, std=self.splits.std, momentum=s.momentum,
         weight_decay=s.weight_decay, clip=s.clip, alpha_lr=s.alpha_lr, alpha_b1=s.alpha_b1,
         alpha_b2=s.alpha_b2, alpha_weight_decay=s.alpha_weight_decay, alpha_clip=s.alpha_clip,
-        cutout=s.cutout, skip_dropout=s.stages.skip_dropout[i] > 0)
+        cutout=s.cutout, skip_dropout=s.stages.skip_dropout[i] > 0, programs=s.programs)
 
   def new_state(self, i: int, net, variables, k_alpha) -> steps.SearchState:
     """Stage ``i``'s state: ``variables``, fresh alphas and fresh optimizers."""
@@ -337,7 +337,8 @@ class Search:
     for start in range(0, len(split['label']) - bs + 1, bs):
       out = steps.eval_step(state, parallel.shard_batch({k: v[start:start + bs]
                                                          for k, v in split.items()}),
-                            net=net, mean=self.splits.mean, std=self.splits.std)
+                            net=net, mean=self.splits.mean, std=self.splits.std,
+                            programs=self.config.search.programs)
       total = {k: total[k] + out[k] for k in total}
     count = int(total['count'])
     return {'loss': float(total['loss_sum']) / count, 'accuracy': int(total['correct']) / count}

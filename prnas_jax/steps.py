@@ -60,6 +60,7 @@ class StepConfig:
   crop_pad: int = 4
   cutout: int = 0
   skip_dropout: bool = False  # build the P-DARTS skip dropout (its rate is a step argument)
+  programs: str = 'pieces'  # 'pieces': PieceUpdate; 'whole': update_step, one program
 
   def weight_tx(self) -> optax.GradientTransformation:
     return sgd_tx(self.clip, self.weight_decay, self.momentum)
@@ -112,33 +113,175 @@ def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
 
   (loss, (stats, logits)), (g_params, g_alphas) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.alphas)
+  new_state = _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks, cfg)
+  return new_state, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+
+def _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks, cfg):
+  """Adam on the alphas or SGD on the weights, as ``update_alphas`` says; new statistics."""
   g_alphas = jax.tree.map(lambda g, m: g * m, g_alphas, masks)
   a_updates, a_opt = cfg.alpha_tx().update(g_alphas, state.a_opt, state.alphas)
   w_updates, w_opt = cfg.weight_tx().update(g_params, state.w_opt, state.params)
   params = jax.tree.map(lambda p, u: p - lr * u, state.params, w_updates)
-  new_state = SearchState(
+  return SearchState(
       params=_select(update_alphas, state.params, params), batch_stats=stats,
       alphas=_select(update_alphas, optax.apply_updates(state.alphas, a_updates), state.alphas),
       w_opt=_select(update_alphas, state.w_opt, w_opt),
       a_opt=_select(update_alphas, a_opt, state.a_opt))
-  return new_state, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
 
 
+# One compiled program per supernet piece (``Supernet.pieces``) instead of one for the whole
+# update: XLA's compile time grows faster than the program (design.md: about cells^1.7), and the
+# cells of one type and width share their programs.
+
+@functools.partial(jax.jit, static_argnames='cfg')
+def _prepare(key, image, *, cfg: StepConfig):
+  k_aug, k_drop = jax.random.split(key)
+  return data.augment(k_aug, image, cfg.mean, cfg.std, crop_pad=cfg.crop_pad,
+                      cutout=cfg.cutout), k_drop
+
+
+@functools.partial(jax.jit, static_argnames='net')
+def _edge_weights(alphas, *, net):
+  return supernet.edge_weights(alphas, _masks(net))
+
+
+@functools.partial(jax.jit, static_argnames=('module', 'skip_dropout', 'remat'))
+def _piece_forward(params, stats, inputs, skip_drop, key, *, module, skip_dropout: bool,
+                   remat: bool):
+  """``module`` in training mode on ``inputs``: its output, new BatchNorm statistics and the
+  pullback from the output's gradient to those of ``params`` and ``inputs``. With ``remat`` the
+  pullback keeps only the inputs and recomputes the forward pass (on the CPU less memory and
+  a faster step: XLA fuses the recomputation into the backward pass instead of reading stored
+  intermediates)."""
+  extra = {'skip_drop': skip_drop} if skip_dropout else {}
+
+  def fn(params, inputs):
+    out, new = module.apply({'params': params, 'batch_stats': stats}, *inputs, train=True,
+                            mutable=['batch_stats'], rngs={'dropout': key}, **extra)
+    return out, new['batch_stats']
+
+  out, pullback, new_stats = jax.vjp(jax.checkpoint(fn) if remat else fn, params, inputs,
+                                     has_aux=True)
+  return out, new_stats, pullback
+
+
+@jax.jit
+def _pull(pullback, g):
+  return pullback(g)
+
+
+@functools.partial(jax.jit, static_argnames='module')
+def _head_loss(params, x, labels, *, module):
+  def fn(params, x):
+    logits = module.apply({'params': params}, x)
+    return cross_entropy(logits, labels), logits
+  (loss, logits), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(params, x)
+  return {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}, grads
+
+
+@functools.partial(jax.jit, static_argnames=('net', 'cfg'), donate_argnames='state')
+def _finish(state, g_params, g_weights, stats, update_alphas, lr, *, net, cfg):
+  masks = _masks(net)
+  _, pullback = jax.vjp(lambda a: supernet.edge_weights(a, masks), state.alphas)
+  return _apply_gradients(state, g_params, pullback(g_weights)[0], stats, update_alphas, lr,
+                          masks, cfg)
+
+
+def _kind(module: supernet.CellNodes) -> str:
+  return 'reduce' if module.layout.reduction else 'normal'
+
+
+def _forward_chain(pieces, images, weights, forward):
+  """Feeds each piece but the head its inputs in order; ``forward(i, name, module, inputs)``
+  applies piece ``i``. Returns the outputs of the stem and of every cell."""
+  outputs = []
+  for i, (name, module) in enumerate(pieces[:-1]):
+    if name == 'stem':
+      inputs = (images,)
+    elif name.endswith('/pre'):  # the two newest states: [stem, stem, cell0, cell1, ...]
+      inputs = (outputs[max(len(outputs) - 2, 0)], outputs[-1])
+    else:
+      inputs = (*outputs.pop(), weights[_kind(module)])
+    outputs.append(forward(i, name, module, inputs))
+  return outputs
+
+
+def _add(a, b):
+  return b if a is None else jax.tree.map(jnp.add, a, b)
+
+
+class PieceUpdate:
+  """``update_step`` (same arguments and results, within float tolerance) as a chain of
+  compiled programs: augmentation, the stem, each cell's preprocessing and nodes, the head with
+  the loss, their pullbacks in reverse, then the optimizers (``state`` donated)."""
+
+  def __init__(self, net: supernet.Supernet, cfg: StepConfig):
+    self.net, self.cfg = net, cfg
+    self.pieces = net.pieces()
+
+  def __call__(self, state, batch, update_alphas, lr, skip_drop, key):
+    images, k_drop = _prepare(key, batch['image'], cfg=self.cfg)
+    new_stats, pullbacks = {}, []
+
+    def forward(i, name, module, inputs):
+      out, new_stats[name], pullback = _piece_forward(
+          supernet.select(state.params, name), supernet.select(state.batch_stats, name), inputs,
+          skip_drop, jax.random.fold_in(k_drop, i), module=module,
+          skip_dropout=self.cfg.skip_dropout and isinstance(module, supernet.CellNodes),
+          remat=self.net.remat)
+      pullbacks.append((name, pullback))
+      return out
+
+    outputs = _forward_chain(self.pieces, images, _edge_weights(state.alphas, net=self.net),
+                             forward)
+    head_name, head = self.pieces[-1]
+    metrics, (g_head, g_out) = _head_loss(supernet.select(state.params, head_name), outputs[-1],
+                                          batch['label'], module=head)
+    grads, g_weights = {head_name: g_head}, {k: None for k in state.alphas}
+    g_states = [None] * (len(outputs) - 1) + [g_out]  # the stem, then each cell's output
+    while pullbacks:
+      name, pullback = pullbacks.pop()
+      if name.endswith('/nodes'):
+        grads[name], (g0, g1, g_w) = _pull(pullback, g_states.pop())
+        kind = _kind(dict(self.pieces)[name])
+        g_weights[kind] = _add(g_weights[kind], g_w)
+      elif name.endswith('/pre'):
+        grads[name], (g_s0, g_s1) = _pull(pullback, (g0, g1))
+        g_states[-1] = _add(g_states[-1], g_s1)
+        g_states[max(len(g_states) - 2, 0)] = _add(g_states[max(len(g_states) - 2, 0)], g_s0)
+      else:
+        grads[name], _ = _pull(pullback, g_states.pop())
+    g_weights = {k: jnp.zeros_like(state.alphas[k]) if g is None else g
+                 for k, g in g_weights.items()}
+    new_state = _finish(state, supernet.merge(grads), g_weights, supernet.merge(new_stats),
+                        update_alphas, lr, net=self.net, cfg=self.cfg)
+    return new_state, metrics
+
+
+PROGRAMS = ('pieces', 'whole')
 _COMPILED = {}
 
 
 def compile_update_step(state, batch, *, net, cfg):
-  """``update_step`` compiled ahead of time for these shapes and shardings, and the seconds it
-  took (0 when an earlier stage or run in this process compiled the same program)."""
+  """The update for these shapes and shardings, compiled ahead of time, and the seconds it took
+  (0 when an earlier stage or run in this process compiled the same programs): ``update_step``
+  compiled, or for ``cfg.programs == 'pieces'`` a ``PieceUpdate`` whose programs were compiled
+  by one update of a zero copy of ``state``."""
   key = (net, cfg, jax.tree.structure(state),
          tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
   if key in _COMPILED:
     return _COMPILED[key], 0.0
   t0 = time.perf_counter()
-  compiled = update_step.lower(state, batch, np.bool_(True), np.float32(0), np.float32(0),
-                               jax.random.key(0), net=net, cfg=cfg).compile()
-  _COMPILED[key] = compiled
-  return compiled, time.perf_counter() - t0
+  args = (np.bool_(True), np.float32(0), np.float32(0), jax.random.key(0))
+  if cfg.programs == 'pieces':
+    update = PieceUpdate(net, cfg)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), state)
+    jax.block_until_ready(update(zeros, batch, *args))
+  else:
+    update = update_step.lower(state, batch, *args, net=net, cfg=cfg).compile()
+  _COMPILED[key] = update
+  return update, time.perf_counter() - t0
 
 
 def search_step(update, state, weight_batch, alpha_batch, train_alpha: bool, lr, skip_drop,
@@ -157,17 +300,47 @@ def search_step(update, state, weight_batch, alpha_batch, train_alpha: bool, lr,
   return state, {**m, 'alpha_loss': alpha_loss}
 
 
+def eval_step(state: SearchState, batch, *, net: supernet.Supernet, mean, std,
+              programs: str = 'pieces'):
+  """Summed loss, correct count and count of ``batch`` in eval mode, from one compiled program
+  per supernet piece or (``programs='whole'``) one for the whole supernet."""
+  if programs == 'whole':
+    return _eval_whole(state, batch, net=net, mean=mean, std=std)
+  images = _normalize(batch['image'], mean=mean, std=std)
+  pieces = net.pieces()
+  outputs = _forward_chain(pieces, images, _edge_weights(state.alphas, net=net), lambda _, name,
+                           module, inputs: _piece_eval(supernet.select(state.params, name),
+                                                       supernet.select(state.batch_stats, name),
+                                                       inputs, module=module))
+  return _eval_head(supernet.select(state.params, 'head'), outputs[-1], batch['label'],
+                    module=pieces[-1][1])
+
+
 @functools.partial(jax.jit, static_argnames=('net', 'mean', 'std'))
-def eval_step(state: SearchState, batch, *, net: supernet.Supernet, mean, std):
-  """Summed loss, correct count and count of ``batch`` in eval mode."""
+def _eval_whole(state: SearchState, batch, *, net, mean, std):
   logits = net.apply({'params': state.params, 'batch_stats': state.batch_stats},
                      data.normalize(batch['image'], mean, std),
                      supernet.edge_weights(state.alphas, _masks(net)), train=False)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-  return {'loss_sum': losses.sum(), 'correct': jnp.sum(jnp.argmax(logits, -1) == batch['label']),
-          'count': jnp.asarray(batch['label'].shape[0])}
+  return _eval_sums(logits, batch['label'])
 
 
+_normalize = jax.jit(data.normalize, static_argnames=('mean', 'std'))
+
+
+@functools.partial(jax.jit, static_argnames='module')
+def _piece_eval(params, stats, inputs, *, module):
+  return module.apply({'params': params, 'batch_stats': stats}, *inputs, train=False)
+
+
+@functools.partial(jax.jit, static_argnames='module')
+def _eval_head(params, x, labels, *, module):
+  return _eval_sums(module.apply({'params': params}, x), labels)
+
+
+def _eval_sums(logits, labels):
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {'loss_sum': losses.sum(), 'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+          'count': jnp.asarray(labels.shape[0])}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,6 +81,39 @@ class MixedOp(nn.Module):
     return out
 
 
+def _preprocess(layout: CellLayout, s0, s1, train: bool):
+  """The cell's two inputs brought to C channels at its resolution (modules ``pre0``, ``pre1``
+  in the calling module's scope)."""
+  c = layout.channels
+  if layout.reduction_prev:
+    s0 = ops.FactorizedReduce(c, name='pre0')(s0, train)
+  else:
+    s0 = ops.ReLUConvBN(c, name='pre0')(s0, train)
+  return s0, ops.ReLUConvBN(c, name='pre1')(s1, train)
+
+
+def _nodes(edges: EdgeOps, layout: CellLayout, dw_form, s0, s1, weights, train, skip_drop):
+  """The cell's nodes from its preprocessed inputs, concatenated (modules ``edge{e}``)."""
+  states, nodes = [s0, s1], [0.0] * NODES
+  for e, (node, j) in enumerate(edge_inputs()):
+    stride = 2 if layout.reduction and j < 2 else 1
+    y = MixedOp(edges[e], layout.channels, stride, dw_form, name=f'edge{e}')(
+        states[j], weights[e], train, skip_drop)
+    nodes[node] = nodes[node] + y
+    if j == node + 1:  # the node's last input: it is complete
+      states.append(nodes[node])
+  return jnp.concatenate(states[2:], axis=-1)
+
+
+def _stem(channels: int, x, train: bool):
+  x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name='stem')(x)
+  return ops.batch_norm(True, name='stem_bn')(x, use_running_average=not train)
+
+
+def _head(num_classes: int, x):
+  return nn.Dense(num_classes, name='head')(jnp.mean(x, axis=(1, 2)))
+
+
 class SearchCell(nn.Module):
   edges: EdgeOps
   layout: CellLayout
@@ -88,22 +121,8 @@ class SearchCell(nn.Module):
 
   @nn.compact
   def __call__(self, s0, s1, weights, train: bool, skip_drop=None):
-    c = self.layout.channels
-    if self.layout.reduction_prev:
-      s0 = ops.FactorizedReduce(c, name='pre0')(s0, train)
-    else:
-      s0 = ops.ReLUConvBN(c, name='pre0')(s0, train)
-    s1 = ops.ReLUConvBN(c, name='pre1')(s1, train)
-    states = [s0, s1]
-    nodes = [0.0] * NODES
-    for e, (node, j) in enumerate(edge_inputs()):
-      stride = 2 if self.layout.reduction and j < 2 else 1
-      y = MixedOp(self.edges[e], c, stride, self.dw_form, name=f'edge{e}')(
-          states[j], weights[e], train, skip_drop)
-      nodes[node] = nodes[node] + y
-      if j == node + 1:  # the node's last input: it is complete
-        states.append(nodes[node])
-    return jnp.concatenate(states[2:], axis=-1)
+    s0, s1 = _preprocess(self.layout, s0, s1, train)
+    return _nodes(self.edges, self.layout, self.dw_form, s0, s1, weights, train, skip_drop)
 
 
 class Supernet(nn.Module):
@@ -119,18 +138,89 @@ class Supernet(nn.Module):
 
   @nn.compact
   def __call__(self, x, weights: Mapping[str, jax.Array], train: bool, skip_drop=None):
-    x = nn.Conv(self.stem_multiplier * self.channels, (3, 3), padding=((1, 1), (1, 1)),
-                use_bias=False, name='stem')(x)
-    s0 = s1 = ops.batch_norm(True, name='stem_bn')(x, use_running_average=not train)
+    s0 = s1 = _stem(self.stem_multiplier * self.channels, x, train)
     for i, layout in enumerate(layouts(self.layers, self.channels)):
       kind = 'reduce' if layout.reduction else 'normal'
       cell_cls = nn.remat(SearchCell, static_argnums=(4,)) if self.remat else SearchCell
       cell = cell_cls(getattr(self, kind), layout, self.dw_form, name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, weights[kind], train, skip_drop)
-    return nn.Dense(self.num_classes, name='head')(jnp.mean(s1, axis=(1, 2)))
+    return _head(self.num_classes, s1)
 
   def edge_ops(self) -> dict[str, EdgeOps]:
     return {'normal': self.normal, 'reduce': self.reduce}
+
+  def pieces(self) -> list[tuple[str, nn.Module]]:
+    """The supernet as a chain of separately applicable modules, each with the variables
+    ``select(variables, name)``: ``('stem', Stem)``, per cell ``('cell{i}/pre', CellInputs)``
+    and ``('cell{i}/nodes', CellNodes)`` (equal for cells of one type and width, so they share
+    a compiled program), ``('head', Head)``."""
+    out = [('stem', Stem(self.stem_multiplier * self.channels, parent=None))]
+    for i, layout in enumerate(layouts(self.layers, self.channels)):
+      kind = 'reduce' if layout.reduction else 'normal'
+      out.append((f'cell{i}/pre', CellInputs(layout, parent=None)))
+      out.append((f'cell{i}/nodes', CellNodes(getattr(self, kind), dataclasses.replace(
+          layout, reduction_prev=False), self.dw_form, parent=None)))
+    return out + [('head', Head(self.num_classes, parent=None))]
+
+
+class Stem(nn.Module):
+  channels: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return _stem(self.channels, x, train)
+
+
+class CellInputs(nn.Module):
+  layout: CellLayout
+
+  @nn.compact
+  def __call__(self, s0, s1, train: bool):
+    return _preprocess(self.layout, s0, s1, train)
+
+
+class CellNodes(nn.Module):
+  edges: EdgeOps
+  layout: CellLayout
+  dw_form: str | None = None
+
+  @nn.compact
+  def __call__(self, s0, s1, weights, train: bool, skip_drop=None):
+    return _nodes(self.edges, self.layout, self.dw_form, s0, s1, weights, train, skip_drop)
+
+
+class Head(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    return _head(self.num_classes, x)
+
+
+_PIECE_KEYS = {'stem': ('stem', 'stem_bn'), 'head': ('head',), 'pre': ('pre0', 'pre1')}
+
+
+def select(tree, piece: str) -> dict:
+  """The part of a ``params`` or ``batch_stats`` tree that belongs to ``piece`` (a name from
+  ``Supernet.pieces``)."""
+  if piece in ('stem', 'head'):
+    return {k: tree[k] for k in _PIECE_KEYS[piece] if k in tree}
+  cell, part = piece.split('/')
+  sub = tree.get(cell, {})
+  if part == 'pre':
+    return {k: v for k, v in sub.items() if k in _PIECE_KEYS['pre']}
+  return {k: v for k, v in sub.items() if k not in _PIECE_KEYS['pre']}
+
+
+def merge(parts: Mapping[str, dict]) -> dict:
+  """The inverse of ``select``: one tree from every piece's part."""
+  out = {}
+  for piece, sub in parts.items():
+    if '/' in piece:
+      out.setdefault(piece.split('/')[0], {}).update(sub)
+    else:
+      out.update(sub)
+  return out
 
 
 def build(space, **kwargs) -> Supernet:

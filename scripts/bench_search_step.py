@@ -33,6 +33,11 @@ _BATCH = flags.DEFINE_integer('batch', 32, 'Batch size of each split.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps after one warm-up step.')
 
 
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def main(_):
   config, batch = _CONFIG.value, _BATCH.value
   sp = space.initial_space(STAGES[_STAGE.value])
@@ -44,7 +49,7 @@ def main(_):
   t0 = time.perf_counter()
   variables = supernet.init_variables(net, k_init, (32, 32, 3))
   init_s = time.perf_counter() - t0
-  cfg = steps.StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3)
+  cfg = steps.StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3, programs=config.search.programs)
   state = steps.create_state(variables, alphas, cfg)
   rng = np.random.default_rng(0)
 
@@ -52,22 +57,32 @@ def main(_):
     return {'image': jax.device_put(rng.integers(0, 256, (batch, 32, 32, 3), np.uint8)),
             'label': jax.device_put(rng.integers(0, 10, batch).astype(np.int32))}
 
+  cpu0 = _cpu_seconds()
   update, compile_s = steps.compile_update_step(state, data(), net=net, cfg=cfg)
-  flops = 2 * (update.cost_analysis() or {}).get('flops', float('nan'))  # two updates per step
-  times = []
+  compile_cores = (_cpu_seconds() - cpu0) / compile_s
+  # XLA's cost analysis of the whole update (before optimisation, so equal for both program
+  # layouts), twice: an alpha and a weight update per step
+  lowered = steps.update_step.lower(state, data(), np.bool_(True), np.float32(0), np.float32(0),
+                                    jax.random.key(0), net=net, cfg=cfg)
+  flops = 2 * (lowered.cost_analysis() or {}).get('flops', float('nan'))
+  times, cpu = [], []
   for i in range(_STEPS.value + 1):
     w, a = data(), data()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     state, m = steps.search_step(update, state, w, a, True, 0.025, 0.0, jax.random.key(i))
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
+    cpu.append(_cpu_seconds() - cpu0)
   step_s = statistics.median(times[1:])
   print(json.dumps({
       'stage': _STAGE.value, 'batch': batch, 'layers': net.layers, 'channels': net.channels,
       'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
       'dw_form': net.dw_form or ops.default_dw_form(), 'remat': net.remat,
+      'programs': cfg.programs,
       'init_s': round(init_s, 2), 'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),
       'images_per_s': round(batch / step_s, 2), 'flops': flops,
+      'compile_cores': round(compile_cores, 2),  # CPU seconds per second: cores kept busy
+      'step_cores': round(sum(cpu[1:]) / sum(times[1:]), 2),
       'flop_per_s': flops / step_s,
       'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
   }))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from prnas_jax import checkpoint, data, genotype, ops, parallel, search
-from prnas_jax.config import search_config
+from prnas_jax.config import search_config, validate
 from prnas_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +183,15 @@ ROWS = {
         8, parallel.check_batch, 36, 'search.batch_size'),
     'multi-process run outside a cluster': lambda t: _search(t, '--distributed'),
     'no checkpoint kept': lambda t: _search(t, '--config.search.checkpoints_kept=0'),
+    'unknown program layout': lambda t: _raises(validate, _with(programs='cells')),
     'disk full while writing a checkpoint': _disk_full,
 }
+
+
+def _with(**search):
+  config = search_config()
+  config.search.update(search)
+  return config
 
 
 def _table() -> dict[str, str]:

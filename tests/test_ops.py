@@ -159,7 +159,7 @@ def test_depthwise_forms_agree(k, d, stride):
 
 
 def test_default_form_follows_backend():
-  assert ops.default_dw_form() == ('dense' if jax.default_backend() == 'cpu' else 'grouped')
+  assert ops.default_dw_form() == ('shift' if jax.default_backend() == 'cpu' else 'grouped')
   with pytest.raises(UserError, match='unknown depthwise form'):
     ops.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), form='sparse')
 

@@ -1,4 +1,6 @@
 """The supernet, its alphas and masks, carry-over by name, and the jitted search step."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,6 +137,40 @@ def test_step_compiles_once_per_program(tiny, stepped):
   state = steps.create_state(variables, alphas, CFG)
   _, seconds = steps.compile_update_step(state, _batch(5), net=net, cfg=CFG)
   assert seconds == 0.0  # the fixture compiled this program already
+
+
+def test_piece_programs_equal_the_whole_program(tiny, stepped):
+  """The chain of per-piece programs, with and without recomputation in the pullbacks, gives
+  the single program's state and metrics (an alpha update, then a weight update), and the same
+  evaluation."""
+  _, net, _, alphas, variables = tiny
+  whole_cfg = dataclasses.replace(CFG, programs='whole')
+  state0 = steps.create_state(jax.tree.map(jnp.copy, variables), jax.tree.map(jnp.copy, alphas),
+                              whole_cfg)
+  update, _ = steps.compile_update_step(state0, _batch(1), net=net, cfg=whole_cfg)
+  expected = steps.search_step(update, state0, _batch(1), _batch(2), True, 0.025, 0.0,
+                               jax.random.key(3))
+  remat = net.clone(remat=True)  # each piece recomputed in its pullback
+  state0 = steps.create_state(jax.tree.map(jnp.copy, variables), jax.tree.map(jnp.copy, alphas),
+                              CFG)
+  update, _ = steps.compile_update_step(state0, _batch(1), net=remat, cfg=CFG)
+  for got in [(stepped[2], stepped[4]), steps.search_step(
+      update, state0, _batch(1), _batch(2), True, 0.025, 0.0, jax.random.key(3))]:
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+      np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+  evals = [steps.eval_step(stepped[2], _batch(4), net=net, mean=MEAN, std=STD, programs=p)
+           for p in steps.PROGRAMS]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), *evals)
+
+
+def test_cells_of_one_type_and_width_share_their_programs():
+  pieces = dict(_net(_space()).clone(layers=8).pieces())
+  assert len(pieces) == 1 + 2 * 8 + 1
+  assert pieces['cell3/nodes'] == pieces['cell4/nodes']  # cell 3 follows a reduction, 4 not
+  assert hash(pieces['cell0/nodes']) == hash(pieces['cell1/nodes'])
+  assert pieces['cell3/pre'] != pieces['cell4/pre']
+  assert len(set(m for name, m in pieces.items() if name.endswith('/nodes'))) == 5
 
 
 def test_weight_update_is_sgd_with_momentum(tiny):
