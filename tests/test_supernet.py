@@ -135,8 +135,14 @@ def test_weight_schedule_is_an_epoch_cosine():
 def test_step_compiles_once_per_program(tiny, stepped):
   _, net, _, alphas, variables = tiny
   state = steps.create_state(variables, alphas, CFG)
-  _, seconds = steps.compile_update_step(state, _batch(5), net=net, cfg=CFG)
-  assert seconds == 0.0  # the fixture compiled this program already
+  update, seconds = steps.compile_update_step(state, _batch(5), net=net, cfg=CFG)
+  assert seconds == 0.0  # the fixture compiled these programs already
+  jitted = (steps._prepare, steps._edge_weights, steps._piece_forward, steps._pull,
+            steps._head_loss, steps._finish)
+  sizes = [f._cache_size() for f in jitted]
+  steps.search_step(update, jax.tree.map(jnp.copy, state), _batch(6), _batch(7), True, 0.01,
+                    0.0, jax.random.key(8))
+  assert [f._cache_size() for f in jitted] == sizes  # no piece traced or compiled again
 
 
 def test_piece_programs_equal_the_whole_program(tiny, stepped):
