@@ -39,6 +39,7 @@ def search_config() -> ml_collections.ConfigDict:
   """The PR-DARTS search on CIFAR-10 with the darts_like preset (DL1/DL2)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.compile_cache = True  # XLA's persistent compilation cache (cli.use_compile_cache)
   c.data = data_config()
   c.search = ml_collections.ConfigDict(dict(
       start='prdarts4',  # prdarts4 | prdarts5 | darts
@@ -135,6 +136,7 @@ def train_config() -> ml_collections.ConfigDict:
   """Retraining a genotype in the 20-cell CIFAR network (reference §8.1)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.compile_cache = True  # XLA's persistent compilation cache (cli.use_compile_cache)
   c.genotype = 'DL2'  # a registry name or a genotype file (ours or DARTS names)
   c.data = data_config()
   del c.data['train_portion']

@@ -154,7 +154,7 @@ def _load_folder(folder, split):
     key.update(f'{rel}\t{label}\t{size}\t{mtime}\n'.encode())
   name = f'{split}-{key.hexdigest()[:20]}.npz'
   root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
-  dirs = [root / _CACHE_DIRNAME, _user_cache_dir() / f'folder-{root_id}']
+  dirs = [root / _CACHE_DIRNAME, user_cache_dir() / f'folder-{root_id}']
   cached = _read_cache(dirs, name)
   if cached is not None:
     return cached
@@ -241,7 +241,7 @@ def _load_tfds(name, split, data_dir):
   for rel, size, mtime in _dir_listing(info.data_dir):
     key.update(f'{rel}\t{size}\t{mtime}\n'.encode())
   fname = f'{info.full_name.replace("/", "-")}-{split}-{key.hexdigest()[:20]}.npz'
-  dirs = [_user_cache_dir() / 'tfds']
+  dirs = [user_cache_dir() / 'tfds']
   if '://' not in data_dir:
     dirs.insert(0, Path(data_dir) / _CACHE_DIRNAME)
   cached = _read_cache(dirs, fname)
@@ -285,7 +285,9 @@ def _size_mtime(entry):
 # ---------------------------------------------------------------------------------------------
 # The cache: one uncompressed .npz per split, written atomically.
 
-def _user_cache_dir() -> Path:
+def user_cache_dir() -> Path:
+  """``$XDG_CACHE_HOME/prnas_jax`` (default ``~/.cache/prnas_jax``): decoded data sets and XLA's
+  compiled programs."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return Path(base) / 'prnas_jax'
 

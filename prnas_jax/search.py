@@ -366,6 +366,7 @@ def run(config, workdir, overwrite: bool = False) -> genotype.Genotype:
   """Validates ``config`` and runs the search into ``workdir`` (refused if ``workdir`` holds a
   different run, unless ``overwrite``)."""
   validate(config)
+  cli.use_compile_cache(config.compile_cache)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   cli.claim_workdir(workdir, config, overwrite, outputs=(

@@ -209,6 +209,7 @@ def run(config, workdir, overwrite: bool = False) -> dict:
   """Validates ``config`` and trains into ``workdir``, resuming a run of the same config there
   (a different run's workdir is refused unless ``overwrite``). Returns the results."""
   validate_train(config)
+  cli.use_compile_cache(config.compile_cache)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   cli.claim_workdir(workdir, config, overwrite, outputs=('checkpoints', 'scalars.jsonl', 'tb',

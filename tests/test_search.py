@@ -6,11 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from prnas_jax import config as config_lib
-from prnas_jax import genotype, metrics, search, space
+from prnas_jax import cli, genotype, metrics, search, space
 from prnas_jax.errors import UserError
 from prnas_jax.ops import Conv, Pool, Skip
 
@@ -227,3 +228,21 @@ def test_a_workdir_of_another_run_is_refused(tmp_path):
   with pytest.raises(UserError, match='tfds data set cifar10'):
     search.run(other, tmp_path, overwrite=True)
   assert json.loads((tmp_path / 'config.json').read_text())['search']['batch_size'] == 16
+
+
+def test_compile_cache_goes_to_the_user_cache(tmp_path, monkeypatch):
+  """Entry points turn on XLA's persistent cache under the user cache folder, unless it is off
+  or JAX_COMPILATION_CACHE_DIR chose another folder."""
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    cli.use_compile_cache(False)
+    assert jax.config.jax_compilation_cache_dir is None
+    cli.use_compile_cache(True)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'prnas_jax' / 'xla')
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'elsewhere'))
+    cli.use_compile_cache(True)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'elsewhere')
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
