@@ -285,14 +285,27 @@ def _shift_backward(stride, dilation, residuals, g):
   xp, kernel = residuals
   k, span = kernel.shape[0], (kernel.shape[0] - 1) * dilation
   p = span // 2
-  d_kernel = jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2))
-                        for _, tap in _taps(xp, k, dilation, stride, g.shape[1:3])])
+  d_kernel = _kernel_grad(xp, g, k, dilation, stride)
   # dx[y] = sum_i gd[y + p - i*d] * w[i], gd = g with stride-1 zeros between rows and columns
   size = (xp.shape[1] - 2 * p, xp.shape[2] - 2 * p)
   gp = _interleave(g, stride, span, (0, *size))
   dx = sum(tap * kernel[i, j, 0] for (i, j), tap in _taps(
       gp, k, dilation, 1, size, offset=lambda i: k - 1 - i + p // dilation))
   return jax.lax.optimization_barrier(dx), d_kernel.reshape(kernel.shape)
+
+
+def _kernel_grad(xp, g, k, dilation, stride):
+  """The K*K tap reductions ``sum(tap * g)`` one after another in a loop: XLA:CPU runs them
+  unrolled side by side 5x slower at K=5 (18 vs 3.5 ms, batch 32, C=16)."""
+  n, h, w, c = g.shape
+  span = (n, (h - 1) * stride + 1, (w - 1) * stride + 1, c)
+
+  def tap_grad(ij):
+    tap = jax.lax.dynamic_slice(xp, (0, ij[0] * dilation, ij[1] * dilation, 0), span)
+    return jnp.sum(tap[:, ::stride, ::stride] * g, axis=(0, 1, 2))
+
+  ij = jnp.stack(jnp.meshgrid(jnp.arange(k), jnp.arange(k), indexing='ij'), -1).reshape(-1, 2)
+  return jax.lax.map(tap_grad, ij)
 
 
 shift_depthwise.defvjp(_shift_forward, _shift_backward)
