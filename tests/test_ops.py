@@ -217,18 +217,22 @@ def test_parameter_counts_closed_form(spec, stride, affine):
   assert _count(variables.get('params', {})) == expected
 
 
+@pytest.mark.parametrize('kind', ['max', 'avg'])
 @pytest.mark.parametrize('k,stride,size', [(3, 1, 8), (3, 2, 8), (3, 2, 9), (5, 1, 7), (5, 2, 8)])
-def test_max_pool_matches_reduce_window(k, stride, size):
-  """Values and gradients of the sliced max pool equal flax's reduce_window form (random
-  inputs: no ties)."""
+def test_sliced_pools_match_reduce_window(kind, k, stride, size):
+  """Values and gradients of the sliced pools equal flax's reduce_window forms (random inputs:
+  no ties for the max)."""
   x = jax.random.normal(jax.random.key(5), (2, size, size, C))
-  p = k // 2
+  window = dict(window_shape=(k, k), strides=(stride, stride), padding=((k // 2,) * 2,) * 2)
 
   def loss(x, fn):
     return jnp.sum(jnp.sin(fn(x)) * jnp.arange(1.0, 1.0 + C))
 
-  ours = lambda x: ops.max_pool(x, k, stride)
-  ref = lambda x: nn.max_pool(x, (k, k), (stride, stride), ((p, p), (p, p)))
-  np.testing.assert_array_equal(ours(x), ref(x))
+  if kind == 'max':
+    ours, ref = lambda x: ops.max_pool(x, k, stride), lambda x: nn.max_pool(x, **window)
+  else:
+    ours = lambda x: ops.avg_pool(x, k, stride)
+    ref = lambda x: nn.avg_pool(x, **window, count_include_pad=False)
+  np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(jax.grad(loss)(x, ours), jax.grad(loss)(x, ref), rtol=1e-6,
                              atol=1e-6)
