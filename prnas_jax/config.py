@@ -46,7 +46,9 @@ def search_config() -> ml_collections.ConfigDict:
       preset='darts_like',  # darts_like | r_depth | unrestricted
       layers=8,
       init_channels=16,
-      batch_size=128,
+      batch_size=128,  # 0 = per stage the largest that fits (autobatch), up to max_batch_size
+      max_batch_size=128,
+      memory_fraction=0.9,  # of a device's memory that an automatic batch may fill
       stages=ml_collections.ConfigDict(PAPER_STAGES),
       lr=0.025,
       lr_min=0.01,
@@ -113,9 +115,13 @@ def validate(config) -> None:
                       'in [0, 1)')
   if stages.new[-1]:
     raise UserError('search.stages.new[-1] must be 0: the last stage derives the genotype')
-  if s.batch_size < 1 or s.layers < 3 or s.init_channels < 2 or s.init_channels % 2:
-    raise UserError('search.batch_size must be >= 1, search.layers >= 3 and '
-                    'search.init_channels an even number >= 2')
+  if s.batch_size < 0 or s.layers < 3 or s.init_channels < 2 or s.init_channels % 2:
+    raise UserError('search.batch_size must be >= 0 (0 = the largest that fits), search.layers '
+                    '>= 3 and search.init_channels an even number >= 2')
+  if not s.batch_size and (s.max_batch_size < 8 or not 0 < s.memory_fraction <= 1):
+    raise UserError(f'search.batch_size=0 picks the batch: search.max_batch_size '
+                    f'({s.max_batch_size}) must be >= 8 and search.memory_fraction '
+                    f'({s.memory_fraction}) in (0, 1]')
   if s.programs not in steps.PROGRAMS:
     raise UserError(f'search.programs = {s.programs!r} is unknown: use one of '
                     f'{", ".join(steps.PROGRAMS)}')

@@ -88,24 +88,25 @@ def truncate_scalars(workdir: Path, records: int) -> None:
 
 
 class Progress:
-  """A periodic line: position, rate and ETA of a stage and of the whole run."""
+  """A periodic line: position, rate and ETA of a stage and of the whole run, counted in
+  images (the batch may change between stages)."""
 
-  def __init__(self, total_steps: int, every: int):
-    self.total, self.every, self.done = total_steps, max(1, every), 0
+  def __init__(self, total_images: int, every: int):
+    self.total, self.every, self.done = total_images, max(1, every), 0
     self.start = time.perf_counter()
 
   def update(self, stage: str, step: int, steps: int, images: int, fields) -> None:
-    """Counts a step; every ``every`` steps and at the end logs a line (``fields()`` is called
-    only then, so device values are fetched only then)."""
-    self.done += 1
+    """Counts a step of ``images`` images; every ``every`` steps and at the end logs a line
+    (``fields()`` is called only then, so device values are fetched only then)."""
+    self.done += images
     if step % self.every and step != steps:
       return
-    elapsed = time.perf_counter() - self.start
-    rate = self.done / elapsed
+    rate = self.done / (time.perf_counter() - self.start)
     eta = (self.total - self.done) / rate if rate else float('inf')
     extra = ' '.join(f'{k} {v:.4g}' for k, v in fields().items())
-    log.info(f'{stage} step {step}/{steps} | {rate * images:.1f} img/s | run '
-             f'{100 * self.done / self.total:.0f}% ETA {_duration(eta)} | {extra}')
+    log.info(f'{stage} step {step}/{steps} | {rate:.1f} img/s | run '
+             f'{100 * min(self.done / self.total, 1):.0f}% ETA {_duration(max(eta, 0))} | '
+             f'{extra}')
 
 
 def _duration(seconds: float) -> str:

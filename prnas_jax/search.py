@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import (checkpoint, cli, data, genotype, metrics, morph, parallel, report, space,
-                       steps, supernet)
+from prnas_jax import (autobatch, checkpoint, cli, data, genotype, metrics, morph, parallel,
+                       report, space, steps, supernet)
 from prnas_jax.config import STAGE_KEYS, validate
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -50,7 +50,7 @@ def load_data(config) -> Splits:
   mean, std = data.mean_std(config.data, train)
   halves = data.split_portion(train, config.data.train_portion)
   for name, half in zip(('weight', 'alpha'), halves):
-    if len(half.labels) < config.search.batch_size:
+    if len(half.labels) < config.search.batch_size:  # an automatic batch is capped instead
       raise UserError(f'search.batch_size {config.search.batch_size} is larger than the {name} '
                       f'split ({len(half.labels)} images): lower it or use more data')
   put = lambda s: jax.device_put(parallel.process_shard({'image': s.images, 'label': s.labels}))
@@ -132,14 +132,14 @@ class Search:
 
   def __init__(self, config, workdir: Path):
     self.config, self.workdir = config, workdir
-    self.local_batch = parallel.check_batch(config.search.batch_size, 'search.batch_size')
+    if config.search.batch_size:
+      parallel.check_batch(config.search.batch_size, 'search.batch_size')
     self.splits = load_data(config)
+    self.batch_sizes = {}  # stage -> global batch size
     self.space = space.initial_space(config.search.start)
     self.key = jax.random.key(config.seed)
     self.morph_rng = np.random.default_rng([config.seed, 0])
     self.batch_rng = np.random.default_rng([config.seed, 1])
-    self.steps_per_epoch = min(len(self.splits.weights['label']),
-                               len(self.splits.alphas['label'])) // self.local_batch
     self.epoch = 0  # global epoch counter (TensorBoard x axis)
     self.checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints',
                                               config.search.checkpoints_kept)
@@ -148,8 +148,8 @@ class Search:
     epochs = self.config.search.stages.epochs
     first, e, net, state, timing = self.resume() or (0, 0, None, None, None)
     self.writer = metrics.Writer(self.workdir)
-    self.progress = metrics.Progress((sum(epochs) - self.epoch) * self.steps_per_epoch,
-                                     self.config.log_every)
+    self.progress = metrics.Progress(
+        (sum(epochs) - self.epoch) * self.split_size * jax.process_count(), self.config.log_every)
     previous = None
     for i in range(first, len(epochs)):
       if state is None:
@@ -171,6 +171,41 @@ class Search:
     if parallel.is_main_process():
       log.info(f'pictures: {", ".join(p.name for p in report.draw_run(self.workdir))}')
     return geno
+
+  @property
+  def split_size(self) -> int:
+    """Examples of the smaller split in this process: an epoch's worth."""
+    return min(len(self.splits.weights['label']), len(self.splits.alphas['label']))
+
+  def local_batch(self, i: int) -> int:
+    return self.batch_sizes[i] // jax.process_count()
+
+  def steps_per_epoch(self, i: int) -> int:
+    return self.split_size // self.local_batch(i)
+
+  def fit_batch(self, i: int, net, state) -> int:
+    """Stage ``i``'s global batch: ``search.batch_size``, or if that is 0 the largest multiple
+    of 8 (and of the device count) up to ``search.max_batch_size`` whose update fits
+    ``search.memory_fraction`` of a device (``autobatch``)."""
+    s = self.config.search
+    if s.batch_size:
+      return s.batch_size
+    multiple = np.lcm(8, jax.device_count())
+    sharding = parallel.batch_sharded()
+    cfg = self.step_config(i)
+
+    def memory_at(b):
+      batch = {'image': jax.ShapeDtypeStruct((b, *self.splits.image_shape), jnp.uint8,
+                                             sharding=sharding),
+               'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding)}
+      return steps.update_memory(state, batch, net=net, cfg=cfg)
+
+    limit = int(s.memory_fraction * autobatch.device_memory())
+    cap = min(s.max_batch_size, self.split_size * jax.process_count())
+    b = int(autobatch.fit_batch_size(memory_at, limit, int(multiple), cap))
+    log.info(f'stage {i}: batch {b}, the largest up to {cap} within {limit / 2**30:.1f} GiB '
+             f'({s.memory_fraction:.0%} of a device) by XLA\'s memory analysis')
+    return b
 
   def supernet(self, i: int) -> supernet.Supernet:
     s, st = self.config.search, self.config.search.stages
@@ -212,12 +247,15 @@ class Search:
     self.writer.scalars(i, {f'stage/{k}': s.stages[k][i] for k in STAGE_KEYS} |
                         {'stage/layers': net.layers, 'stage/channels': net.channels})
     self.key, k_alpha = jax.random.split(self.key)
-    return net, parallel.replicate(self.new_state(i, net, variables, k_alpha))
+    state = parallel.replicate(self.new_state(i, net, variables, k_alpha))
+    self.batch_sizes[i] = self.fit_batch(i, net, state)
+    return net, state
 
   def save(self, i: int, e: int, state, timing: dict) -> None:
     """Checkpoint ``(i, e)``: the state and jax key as arrays; the space, numpy random states,
     scalars written so far and the stage's timing as the record."""
-    record = {'stage': i, 'epoch': e, 'scalars_lines': self.writer.lines,
+    record = {'stage': i, 'epoch': e, 'batch_size': self.batch_sizes[i],
+              'scalars_lines': self.writer.lines,
               'space': {kind: cell.to_json() for kind, cell in self.space.items()},
               'morph_rng': self.morph_rng.bit_generator.state,
               'batch_rng': self.batch_rng.bit_generator.state, **timing}
@@ -233,6 +271,7 @@ class Search:
       return None
     record = self.checkpoints.record(step)
     i, e = record['stage'], record['epoch']
+    self.batch_sizes[i] = record['batch_size']
     self.space = {kind: space.CellSpace.from_json(obj) for kind, obj in record['space'].items()}
     self.morph_rng, self.batch_rng = _generator(record['morph_rng']), _generator(
         record['batch_rng'])
@@ -254,6 +293,8 @@ class Search:
     ``timing`` (compile and training seconds of the stage) is updated."""
     s, st = self.config.search, self.config.search.stages
     epochs, grace, p_drop = st.epochs[i], st.grace_epochs[i], st.skip_dropout[i]
+    global_batch, local_batch, steps_per_epoch = (self.batch_sizes[i], self.local_batch(i),
+                                                  self.steps_per_epoch(i))
     batch = lambda split, idx: parallel.shard_batch({'image': split['image'][idx],
                                                      'label': split['label'][idx]})
     if first < epochs:
@@ -261,7 +302,7 @@ class Search:
       log.info(f'stage {i}: {net.layers} cells, C={net.channels}, candidates per edge '
                f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling')
       update, timing['compile_s'] = steps.compile_update_step(
-          state, batch(self.splits.weights, jnp.arange(self.local_batch)), net=net,
+          state, batch(self.splits.weights, jnp.arange(local_batch)), net=net,
           cfg=self.step_config(i))
       log.info(f'stage {i}: compiled in {timing["compile_s"]:.1f} s')
 
@@ -269,37 +310,37 @@ class Search:
       lr = steps.epoch_cosine(s.lr, s.lr_min, epochs, e)
       drop = p_drop * ((epochs - e - 1) / epochs if e < grace else np.exp(-0.2 * (e - grace)))
       w_idx = data.epoch_batches(self.batch_rng, len(self.splits.weights['label']),
-                                 self.local_batch)[:self.steps_per_epoch]
+                                 local_batch)[:steps_per_epoch]
       a_idx = data.epoch_batches(self.batch_rng, len(self.splits.alphas['label']),
-                                 self.local_batch)[:self.steps_per_epoch]
+                                 local_batch)[:steps_per_epoch]
       t0 = time.perf_counter()
       sums = {'loss': 0.0, 'accuracy': 0.0}
       losses = []  # per step, on device: fetched once at the end of the epoch
-      for n in range(self.steps_per_epoch):
+      for n in range(steps_per_epoch):
         self.key, k = jax.random.split(self.key)
         state, m = steps.search_step(update, state, batch(self.splits.weights, w_idx[n]),
                                      batch(self.splits.alphas, a_idx[n]), e >= grace, lr, drop, k)
         sums = {name: sums[name] + m[name] for name in sums}
         losses.append(m['loss'])
-        self.progress.update(f'stage {i} epoch {e + 1}/{epochs}', n + 1, self.steps_per_epoch,
-                             s.batch_size, lambda: {'loss': float(sums['loss']) / (n + 1)})
-      train = {name: float(v) / self.steps_per_epoch for name, v in sums.items()}
+        self.progress.update(f'stage {i} epoch {e + 1}/{epochs}', n + 1, steps_per_epoch,
+                             global_batch, lambda: {'loss': float(sums['loss']) / (n + 1)})
+      train = {name: float(v) / steps_per_epoch for name, v in sums.items()}
       seconds = time.perf_counter() - t0
       losses = np.asarray(jax.device_get(losses))
       if not np.isfinite(losses).all():
         n = int(np.argmin(np.isfinite(losses)))
         raise UserError(f'the training loss became {losses[n]} in stage {i} epoch {e + 1}/{epochs} '
-                        f'step {n + 1}/{self.steps_per_epoch}: lower search.lr ({s.lr}) or '
+                        f'step {n + 1}/{steps_per_epoch}: lower search.lr ({s.lr}) or '
                         f'search.alpha_lr ({s.alpha_lr}), or check the data')
       scalars = {'train/loss': train['loss'], 'train/accuracy': train['accuracy'],
                  'epoch/lr': lr,
                  'epoch/seconds': seconds, 'epoch/skip_dropout': drop,
-                 'epoch/batch_size': s.batch_size,
-                 'epoch/images_per_s': self.steps_per_epoch * s.batch_size / seconds}
+                 'epoch/batch_size': global_batch,
+                 'epoch/images_per_s': steps_per_epoch * global_batch / seconds}
       line = f'stage {i} epoch {e + 1}/{epochs}: train loss {train["loss"]:.4f} acc ' \
              f'{train["accuracy"]:.4f}'
       if epochs - e <= s.valid_epochs:
-        valid = self.evaluate(state, net)
+        valid = self.evaluate(i, state, net)
         scalars |= {'valid/loss': valid['loss'], 'valid/accuracy': valid['accuracy']}
         line += f', valid loss {valid["loss"]:.4f} acc {valid["accuracy"]:.4f}'
       log.info(f'{line} ({seconds:.1f} s)')
@@ -308,7 +349,7 @@ class Search:
       timing['train_s'] += seconds
       self.save(i, e + 1, state, timing)
     parallel.check_same(jax.device_get(state.alphas), f'the alphas of stage {i}')
-    images_per_s = epochs * self.steps_per_epoch * s.batch_size / max(timing['train_s'], 1e-9)
+    images_per_s = epochs * steps_per_epoch * global_batch / max(timing['train_s'], 1e-9)
     self.writer.scalars(i, {'stage/compile_s': timing['compile_s'],
                             'stage/images_per_s': images_per_s})
     log.info(f'stage {i}: {images_per_s:.1f} img/s, compile {timing["compile_s"]:.1f} s')
@@ -330,9 +371,9 @@ class Search:
     self.log_events(i, record['events'])
     return geno
 
-  def evaluate(self, state, net) -> dict:
-    """Eval-mode loss and accuracy on the alpha split (whole batches)."""
-    split, bs = self.splits.alphas, self.local_batch
+  def evaluate(self, i: int, state, net) -> dict:
+    """Eval-mode loss and accuracy on the alpha split (whole batches of stage ``i``)."""
+    split, bs = self.splits.alphas, self.local_batch(i)
     total = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
     for start in range(0, len(split['label']) - bs + 1, bs):
       out = steps.eval_step(state, parallel.shard_batch({k: v[start:start + bs]

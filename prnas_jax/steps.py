@@ -99,9 +99,7 @@ def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
   weight half of a search step (about half the compile time of two programs; the alpha half
   also computes the unused weight gradients, as the reference does). ``state`` is donated.
   """
-  k_aug, k_drop = jax.random.split(key)
-  images = data.augment(k_aug, batch['image'], cfg.mean, cfg.std, crop_pad=cfg.crop_pad,
-                        cutout=cfg.cutout)
+  images, k_drop = _augment(key, batch['image'], cfg)
   masks = _masks(net)
 
   def loss_fn(params, alphas):
@@ -134,11 +132,14 @@ def _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks,
 # update: XLA's compile time grows faster than the program (design.md: about cells^1.7), and the
 # cells of one type and width share their programs.
 
-@functools.partial(jax.jit, static_argnames='cfg')
-def _prepare(key, image, *, cfg: StepConfig):
+def _augment(key, image, cfg: StepConfig):
+  """The augmented, normalised images of one update and its dropout key."""
   k_aug, k_drop = jax.random.split(key)
   return data.augment(k_aug, image, cfg.mean, cfg.std, crop_pad=cfg.crop_pad,
                       cutout=cfg.cutout), k_drop
+
+
+_prepare = jax.jit(_augment, static_argnames='cfg')
 
 
 @functools.partial(jax.jit, static_argnames='net')
@@ -147,10 +148,11 @@ def _edge_weights(alphas, *, net):
 
 
 @functools.partial(jax.jit, static_argnames=('module', 'skip_dropout', 'remat'))
-def _piece_forward(params, stats, inputs, skip_drop, key, *, module, skip_dropout: bool,
+def _piece_forward(params, stats, inputs, skip_drop, key, index, *, module, skip_dropout: bool,
                    remat: bool):
-  """``module`` in training mode on ``inputs``: its output, new BatchNorm statistics and the
-  pullback from the output's gradient to those of ``params`` and ``inputs``. With ``remat`` the
+  """``module`` in training mode on ``inputs`` (dropout key: ``key`` folded with the piece's
+  ``index``): its output, new BatchNorm statistics and the pullback from the output's gradient
+  to those of ``params`` and ``inputs``. With ``remat`` the
   pullback keeps only the inputs and recomputes the forward pass (on the CPU less memory and
   a faster step: XLA fuses the recomputation into the backward pass instead of reading stored
   intermediates)."""
@@ -158,7 +160,8 @@ def _piece_forward(params, stats, inputs, skip_drop, key, *, module, skip_dropou
 
   def fn(params, inputs):
     out, new = module.apply({'params': params, 'batch_stats': stats}, *inputs, train=True,
-                            mutable=['batch_stats'], rngs={'dropout': key}, **extra)
+                            mutable=['batch_stats'],
+                            rngs={'dropout': jax.random.fold_in(key, index)}, **extra)
     return out, new['batch_stats']
 
   out, pullback, new_stats = jax.vjp(jax.checkpoint(fn) if remat else fn, params, inputs,
@@ -169,6 +172,11 @@ def _piece_forward(params, stats, inputs, skip_drop, key, *, module, skip_dropou
 @jax.jit
 def _pull(pullback, g):
   return pullback(g)
+
+
+@jax.jit
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
 
 
 @functools.partial(jax.jit, static_argnames='module')
@@ -182,7 +190,10 @@ def _head_loss(params, x, labels, *, module):
 
 @functools.partial(jax.jit, static_argnames=('net', 'cfg'), donate_argnames='state')
 def _finish(state, g_params, g_weights, stats, update_alphas, lr, *, net, cfg):
+  """The optimizers; ``g_weights`` of a cell type without cells (None) is zero."""
   masks = _masks(net)
+  g_weights = {k: jnp.zeros_like(a) if g_weights[k] is None else g_weights[k]
+               for k, a in state.alphas.items()}
   _, pullback = jax.vjp(lambda a: supernet.edge_weights(a, masks), state.alphas)
   return _apply_gradients(state, g_params, pullback(g_weights)[0], stats, update_alphas, lr,
                           masks, cfg)
@@ -207,60 +218,69 @@ def _forward_chain(pieces, images, weights, forward):
   return outputs
 
 
-def _add(a, b):
-  return b if a is None else jax.tree.map(jnp.add, a, b)
+def _call(program, *args, **static):
+  return program(*args, **static)
 
 
 class PieceUpdate:
   """``update_step`` (same arguments and results, within float tolerance) as a chain of
   compiled programs: augmentation, the stem, each cell's preprocessing and nodes, the head with
-  the loss, their pullbacks in reverse, then the optimizers (``state`` donated)."""
+  the loss, their pullbacks in reverse, then the optimizers (``state`` donated). Every array
+  operation runs inside one of them, so the chain can also be walked with abstract arrays
+  (``update_memory``)."""
 
   def __init__(self, net: supernet.Supernet, cfg: StepConfig):
     self.net, self.cfg = net, cfg
     self.pieces = net.pieces()
 
-  def __call__(self, state, batch, update_alphas, lr, skip_drop, key):
-    images, k_drop = _prepare(key, batch['image'], cfg=self.cfg)
+  def __call__(self, state, batch, update_alphas, lr, skip_drop, key, call=_call):
+    """``call(program, *args, **static)`` runs each program (the default: calls it)."""
+    images, k_drop = call(_prepare, key, batch['image'], cfg=self.cfg)
     new_stats, pullbacks = {}, []
 
     def forward(i, name, module, inputs):
-      out, new_stats[name], pullback = _piece_forward(
-          supernet.select(state.params, name), supernet.select(state.batch_stats, name), inputs,
-          skip_drop, jax.random.fold_in(k_drop, i), module=module,
-          skip_dropout=self.cfg.skip_dropout and isinstance(module, supernet.CellNodes),
-          remat=self.net.remat)
+      out, new_stats[name], pullback = call(
+          _piece_forward, supernet.select(state.params, name),
+          supernet.select(state.batch_stats, name), inputs, skip_drop, k_drop, np.int32(i),
+          module=module, skip_dropout=self.cfg.skip_dropout and isinstance(
+              module, supernet.CellNodes), remat=self.net.remat)
       pullbacks.append((name, pullback))
       return out
 
-    outputs = _forward_chain(self.pieces, images, _edge_weights(state.alphas, net=self.net),
-                             forward)
+    def add(a, b):
+      return b if a is None else call(_add, a, b)
+
+    outputs = _forward_chain(self.pieces, images,
+                             call(_edge_weights, state.alphas, net=self.net), forward)
     head_name, head = self.pieces[-1]
-    metrics, (g_head, g_out) = _head_loss(supernet.select(state.params, head_name), outputs[-1],
-                                          batch['label'], module=head)
+    metrics, (g_head, g_out) = call(_head_loss, supernet.select(state.params, head_name),
+                                    outputs[-1], batch['label'], module=head)
     grads, g_weights = {head_name: g_head}, {k: None for k in state.alphas}
     g_states = [None] * (len(outputs) - 1) + [g_out]  # the stem, then each cell's output
     while pullbacks:
       name, pullback = pullbacks.pop()
       if name.endswith('/nodes'):
-        grads[name], (g0, g1, g_w) = _pull(pullback, g_states.pop())
+        grads[name], (g0, g1, g_w) = call(_pull, pullback, g_states.pop())
         kind = _kind(dict(self.pieces)[name])
-        g_weights[kind] = _add(g_weights[kind], g_w)
+        g_weights[kind] = add(g_weights[kind], g_w)
       elif name.endswith('/pre'):
-        grads[name], (g_s0, g_s1) = _pull(pullback, (g0, g1))
-        g_states[-1] = _add(g_states[-1], g_s1)
-        g_states[max(len(g_states) - 2, 0)] = _add(g_states[max(len(g_states) - 2, 0)], g_s0)
+        grads[name], (g_s0, g_s1) = call(_pull, pullback, (g0, g1))
+        g_states[-1] = add(g_states[-1], g_s1)
+        g_states[max(len(g_states) - 2, 0)] = add(g_states[max(len(g_states) - 2, 0)], g_s0)
       else:
-        grads[name], _ = _pull(pullback, g_states.pop())
-    g_weights = {k: jnp.zeros_like(state.alphas[k]) if g is None else g
-                 for k, g in g_weights.items()}
-    new_state = _finish(state, supernet.merge(grads), g_weights, supernet.merge(new_stats),
-                        update_alphas, lr, net=self.net, cfg=self.cfg)
+        grads[name], _ = call(_pull, pullback, g_states.pop())
+    new_state = call(_finish, state, supernet.merge(grads), g_weights,
+                     supernet.merge(new_stats), update_alphas, lr, net=self.net, cfg=self.cfg)
     return new_state, metrics
 
 
 PROGRAMS = ('pieces', 'whole')
 _COMPILED = {}
+
+
+def _args():
+  """``update_alphas, lr, skip_drop, key`` of the updates that compile or analyse the step."""
+  return np.bool_(True), np.float32(0), np.float32(0), jax.random.key(0)
 
 
 def compile_update_step(state, batch, *, net, cfg):
@@ -273,15 +293,61 @@ def compile_update_step(state, batch, *, net, cfg):
   if key in _COMPILED:
     return _COMPILED[key], 0.0
   t0 = time.perf_counter()
-  args = (np.bool_(True), np.float32(0), np.float32(0), jax.random.key(0))
   if cfg.programs == 'pieces':
     update = PieceUpdate(net, cfg)
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), state)
-    jax.block_until_ready(update(zeros, batch, *args))
+    jax.block_until_ready(update(zeros, batch, *_args()))
   else:
-    update = update_step.lower(state, batch, *args, net=net, cfg=cfg).compile()
+    update = update_step.lower(state, batch, *_args(), net=net, cfg=cfg).compile()
   _COMPILED[key] = update
   return update, time.perf_counter() - t0
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+def _walk(state, batch, net, cfg):
+  """The ``PieceUpdate`` chain for these shapes, walked with abstract arrays: each distinct
+  program lowered once (``{key: Lowered}``) and the key of every call in order, with whether it
+  is a piece's forward pass. (Compiling these does not fill jit's cache for the real calls.)"""
+  lowered, calls = {}, []
+
+  def call(program, *args, **static):
+    key = (program, tuple(sorted(static.items())), jax.tree.structure(args),
+           tuple((x.shape, x.dtype, getattr(x, 'sharding', None))
+                 for x in jax.tree.leaves(args)))
+    if key not in lowered:
+      lowered[key] = program.lower(*args, **static)
+    calls.append((key, program is _piece_forward))
+    return lowered[key].out_info
+
+  PieceUpdate(net, cfg)(*_abstract((state, batch)), *_args(), call=call)
+  return lowered, calls
+
+
+def update_memory(state, batch, *, net, cfg) -> int:
+  """Bytes one update of these shapes needs on each device, from XLA's memory analysis of its
+  compiled programs. One program: its arguments, outputs and temporaries. ``pieces``: the state
+  and batch, every forward piece's outputs (each pullback lives until the backward pass reaches
+  it) and the largest outputs plus temporaries of one program. ``state`` and ``batch`` may be
+  abstract (``jax.ShapeDtypeStruct`` with shardings)."""
+  if cfg.programs == 'whole':
+    m = update_step.lower(*_abstract((state, batch)), *_args(), net=net,
+                          cfg=cfg).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+  lowered, calls = _walk(state, batch, net, cfg)
+  memory = {k: low.compile().memory_analysis() for k, low in lowered.items()}
+  kept = sum(memory[k].output_size_in_bytes for k, forward in calls if forward)
+  largest = max(m.output_size_in_bytes + m.temp_size_in_bytes for m in memory.values())
+  return _device_bytes(_abstract((state, batch))) + kept + largest
+
+
+def _device_bytes(tree) -> int:
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def search_step(update, state, weight_batch, alpha_batch, train_alpha: bool, lr, skip_drop,

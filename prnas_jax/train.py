@@ -117,7 +117,8 @@ class Training:
       self.checkpoints.close()
       return self.results(record)
     writer = metrics.Writer(self.workdir)
-    progress = metrics.Progress((c.epochs - record['epoch']) * self.steps_per_epoch, c.log_every)
+    progress = metrics.Progress(
+        (c.epochs - record['epoch']) * self.steps_per_epoch * c.batch_size, c.log_every)
     t0 = time.perf_counter()
     example = {'image': jax.ShapeDtypeStruct((c.batch_size, *self.train.image_shape), jnp.uint8,
                                              sharding=parallel.batch_sharded()),

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from prnas_jax import checkpoint, data, genotype, ops, parallel, search
+from prnas_jax import autobatch, checkpoint, data, genotype, ops, parallel, search
 from prnas_jax.config import search_config, validate
 from prnas_jax.errors import UserError
 
@@ -184,6 +184,10 @@ ROWS = {
     'multi-process run outside a cluster': lambda t: _search(t, '--distributed'),
     'no checkpoint kept': lambda t: _search(t, '--config.search.checkpoints_kept=0'),
     'unknown program layout': lambda t: _raises(validate, _with(programs='cells')),
+    'automatic batch with a bad cap': lambda t: _raises(
+        validate, _with(batch_size=0, max_batch_size=4)),
+    'automatic batch that cannot fit': lambda t: _raises(
+        autobatch.fit_batch_size, lambda b: 3 * 2**30, 2**30, 8, 128),
     'disk full while writing a checkpoint': _disk_full,
 }
 

@@ -138,7 +138,7 @@ def test_step_compiles_once_per_program(tiny, stepped):
   update, seconds = steps.compile_update_step(state, _batch(5), net=net, cfg=CFG)
   assert seconds == 0.0  # the fixture compiled these programs already
   jitted = (steps._prepare, steps._edge_weights, steps._piece_forward, steps._pull,
-            steps._head_loss, steps._finish)
+            steps._add, steps._head_loss, steps._finish)
   sizes = [f._cache_size() for f in jitted]
   steps.search_step(update, jax.tree.map(jnp.copy, state), _batch(6), _batch(7), True, 0.01,
                     0.0, jax.random.key(8))
