@@ -70,7 +70,7 @@ def search_config() -> ml_collections.ConfigDict:
       max_skip_normal=-1,  # P-DARTS skip-connect limit on the final normal cell (-1 = off)
       dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
       remat=True,  # recompute each cell (each piece) in the backward pass: less memory
-      programs='pieces',  # one compiled program per supernet piece (fast compile) or 'whole'
+      programs='pieces',  # compiled programs: per supernet piece, per candidate, or 'whole'
       checkpoints_kept=2,  # the newest checkpoints kept in WORKDIR/checkpoints
   ))
   c.log_every = 50  # steps between progress lines

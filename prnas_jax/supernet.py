@@ -7,6 +7,7 @@ supernet takes over every surviving candidate's weights by name (``carry_over``)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Sequence
 
 import jax
@@ -73,12 +74,35 @@ class MixedOp(nn.Module):
   def __call__(self, x, weights, train: bool, skip_drop=None):
     out = 0.0
     for j, spec in enumerate(self.candidates):
-      y = search_op(spec, self.channels, self.stride, self.dw_form)(x, train)
-      if skip_drop is not None and train and isinstance(spec, ops.Skip) and self.stride == 1:
-        keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - skip_drop, y.shape)
-        y = jnp.where(keep, y / jnp.maximum(1.0 - skip_drop, 1e-6), 0.0)
-      out = out + weights[j] * y
+      out = out + weights[j] * _run_candidate(self, spec, self.channels, self.stride,
+                                              self.dw_form, x, train, skip_drop)
     return out
+
+
+def _run_candidate(parent: nn.Module, spec, channels, stride, dw_form, x, train, skip_drop):
+  """Candidate ``spec`` on ``x`` (a module named ``str(spec)`` in ``parent``'s scope), its
+  identity skip dropped by ``skip_drop``."""
+  y = search_op(spec, channels, stride, dw_form)(x, train)
+  if skip_drop is not None and train and isinstance(spec, ops.Skip) and stride == 1:
+    keep = jax.random.bernoulli(parent.make_rng('dropout'), 1.0 - skip_drop, y.shape)
+    y = jnp.where(keep, y / jnp.maximum(1.0 - skip_drop, 1e-6), 0.0)
+  return y
+
+
+class Candidate(nn.Module):
+  """One candidate of one edge as its own piece: ``weights[e, col] * candidate(x)`` with
+  ``index = (e, col)`` traced, so the candidates of one spec, stride and width share a program
+  across edges and cells."""
+  spec: Spec
+  channels: int
+  stride: int
+  dw_form: str | None = None
+
+  @nn.compact
+  def __call__(self, x, weights, index, train: bool, skip_drop=None):
+    y = _run_candidate(self, self.spec, self.channels, self.stride, self.dw_form, x, train,
+                       skip_drop)
+    return weights[index[0], index[1]] * y
 
 
 def _preprocess(layout: CellLayout, s0, s1, train: bool):
@@ -189,6 +213,19 @@ class CellNodes(nn.Module):
     return _nodes(self.edges, self.layout, self.dw_form, s0, s1, weights, train, skip_drop)
 
 
+@functools.cache
+def node_candidates(nodes: CellNodes) -> list[list[tuple[int, int, int, Candidate]]]:
+  """Per node of ``nodes``, its candidates in the order the cell adds them up:
+  ``(edge, input state, column, Candidate)``; states are ``[s0, s1, node0, ...]``."""
+  out = [[] for _ in range(NODES)]
+  for e, (node, j) in enumerate(edge_inputs()):
+    stride = 2 if nodes.layout.reduction and j < 2 else 1
+    out[node] += [(e, j, col, Candidate(spec, nodes.layout.channels, stride, nodes.dw_form,
+                                        parent=None))
+                  for col, spec in enumerate(nodes.edges[e])]
+  return out
+
+
 class Head(nn.Module):
   num_classes: int
 
@@ -202,11 +239,14 @@ _PIECE_KEYS = {'stem': ('stem', 'stem_bn'), 'head': ('head',), 'pre': ('pre0', '
 
 def select(tree, piece: str) -> dict:
   """The part of a ``params`` or ``batch_stats`` tree that belongs to ``piece`` (a name from
-  ``Supernet.pieces``)."""
+  ``Supernet.pieces``, or ``cell{i}/edge{e}/<candidate>``)."""
   if piece in ('stem', 'head'):
     return {k: tree[k] for k in _PIECE_KEYS[piece] if k in tree}
-  cell, part = piece.split('/')
+  cell, part, *spec = piece.split('/')
   sub = tree.get(cell, {})
+  if spec:
+    edge = sub.get(part, {})
+    return {spec[0]: edge[spec[0]]} if spec[0] in edge else {}
   if part == 'pre':
     return {k: v for k, v in sub.items() if k in _PIECE_KEYS['pre']}
   return {k: v for k, v in sub.items() if k not in _PIECE_KEYS['pre']}
@@ -216,8 +256,12 @@ def merge(parts: Mapping[str, dict]) -> dict:
   """The inverse of ``select``: one tree from every piece's part."""
   out = {}
   for piece, sub in parts.items():
-    if '/' in piece:
-      out.setdefault(piece.split('/')[0], {}).update(sub)
+    cell, *part = piece.split('/')
+    if len(part) == 2:  # a candidate: cell/edge/spec
+      if sub:
+        out.setdefault(cell, {}).setdefault(part[0], {}).update(sub)
+    elif part:
+      out.setdefault(cell, {}).update(sub)
     else:
       out.update(sub)
   return out

@@ -157,17 +157,21 @@ def test_piece_programs_equal_the_whole_program(tiny, stepped):
   expected = steps.search_step(update, state0, _batch(1), _batch(2), True, 0.025, 0.0,
                                jax.random.key(3))
   remat = net.clone(remat=True)  # each piece recomputed in its pullback
-  state0 = steps.create_state(jax.tree.map(jnp.copy, variables), jax.tree.map(jnp.copy, alphas),
-                              CFG)
-  update, _ = steps.compile_update_step(state0, _batch(1), net=remat, cfg=CFG)
-  for got in [(stepped[2], stepped[4]), steps.search_step(
-      update, state0, _batch(1), _batch(2), True, 0.025, 0.0, jax.random.key(3))]:
-    assert jax.tree.structure(got) == jax.tree.structure(expected)
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+  got = [(stepped[2], stepped[4])]
+  for cfg in (CFG, dataclasses.replace(CFG, programs='candidates')):
+    state0 = steps.create_state(jax.tree.map(jnp.copy, variables),
+                                jax.tree.map(jnp.copy, alphas), cfg)
+    update, _ = steps.compile_update_step(state0, _batch(1), net=remat, cfg=cfg)
+    got.append(steps.search_step(update, state0, _batch(1), _batch(2), True, 0.025, 0.0,
+                                 jax.random.key(3)))
+  for result in got:
+    assert jax.tree.structure(result) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(result)):
       np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
   evals = [steps.eval_step(stepped[2], _batch(4), net=net, mean=MEAN, std=STD, programs=p)
            for p in steps.PROGRAMS]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), *evals)
+  for other in evals[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), evals[0], other)
 
 
 def test_cells_of_one_type_and_width_share_their_programs():
@@ -177,6 +181,11 @@ def test_cells_of_one_type_and_width_share_their_programs():
   assert hash(pieces['cell0/nodes']) == hash(pieces['cell1/nodes'])
   assert pieces['cell3/pre'] != pieces['cell4/pre']
   assert len(set(m for name, m in pieces.items() if name.endswith('/nodes'))) == 5
+  # one Candidate per spec, stride and width over all 8 cells and 14 edges: prdarts4 (4 specs)
+  # at C=4, 8, 16 with stride 1, and stride 2 into the two reduction cells
+  candidates = {c for name, m in pieces.items() if name.endswith('/nodes')
+                for node in supernet.node_candidates(m) for *_, c in node}
+  assert len(candidates) == 4 * 3 + 4 * 2
 
 
 def test_weight_update_is_sgd_with_momentum(tiny):
