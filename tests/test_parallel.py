@@ -71,7 +71,8 @@ def test_two_processes_search_to_the_same_genotype(cifar_subset, tmp_path):
        f'--config.data.folder={cifar_subset}', '--config.data.max_train=128',
        '--config.search.batch_size=16', '--config.search.init_channels=4',
        *(f'--config.search.stages.{k}={v}' for k, v in stage.items())],
-      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=ROOT, env={**_env(), 'XDG_CACHE_HOME': str(tmp_path / f'cache{i}')},  # own host
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   logs = [p.communicate(timeout=420)[0] for p in procs]
   for i, (p, log) in enumerate(zip(procs, logs)):
