@@ -1,12 +1,15 @@
 """The largest search batch that fits the device (``search.batch_size=0``), from XLA's memory
-analysis of the compiled update instead of the reference's growth by trial and error."""
+analysis of the compiled update (``update_memory``) instead of the reference's growth by trial
+and error."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
 import jax
 
+from prnas_jax import pieces, search_step
 from prnas_jax.errors import UserError
 
 
@@ -36,3 +39,52 @@ def fit_batch_size(memory_at: Callable[[int], int], limit: int, multiple: int, c
   per_example = max(memory_at(2 * multiple) - small, 1) / multiple
   fits = multiple + int((limit - small) / per_example) // multiple * multiple
   return max(multiple, min(fits, top))
+
+
+def update_memory(state, batch, *, net, cfg) -> int:
+  """Bytes one update of these shapes needs on each device, from XLA's memory analysis of its
+  compiled programs. One program: its arguments, outputs and temporaries. ``pieces``: the state
+  and batch, every forward piece's outputs (each pullback lives until the backward pass reaches
+  it) and the largest outputs plus temporaries of one program. ``state`` and ``batch`` may be
+  abstract (``jax.ShapeDtypeStruct`` with shardings)."""
+  if cfg.programs == 'whole':
+    m = search_step.update_step.lower(*_abstract((state, batch)), *search_step.probe_args(),
+                                      net=net, cfg=cfg).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+  lowered, calls = _walk(state, batch, net, cfg)
+  memory = {k: low.compile().memory_analysis() for k, low in lowered.items()}
+  kept = sum(memory[k].output_size_in_bytes for k, forward in calls if forward)
+  largest = max(m.output_size_in_bytes + m.temp_size_in_bytes for m in memory.values())
+  return _device_bytes(_abstract((state, batch))) + kept + largest
+
+
+def _device_bytes(tree) -> int:
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _abstract(tree):
+  """``tree`` as ``jax.ShapeDtypeStruct``s with shardings."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+def _walk(state, batch, net, cfg):
+  """The ``PieceUpdate`` chain for these shapes, walked with abstract arrays: each distinct
+  program lowered once (``{key: Lowered}``) and the key of every call in order, with whether it
+  is a piece's forward pass. (Compiling these does not fill jit's cache for the real calls.)"""
+  lowered, calls = {}, []
+
+  def call(program, *args, **static):
+    key = (program, tuple(sorted(static.items())), jax.tree.structure(args),
+           tuple((x.shape, x.dtype, getattr(x, 'sharding', None))
+                 for x in jax.tree.leaves(args)))
+    if key not in lowered:
+      lowered[key] = program.lower(*args, **static)
+    calls.append((key, program is pieces.forward_program))
+    return lowered[key].out_info
+
+  search_step.PieceUpdate(net, cfg)(*_abstract((state, batch)), *search_step.probe_args(),
+                                    call=call)
+  return lowered, calls

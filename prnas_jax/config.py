@@ -1,15 +1,18 @@
-"""Search configuration: defaults (the paper's PR-DARTS setting) and validation.
+"""Search and retraining configurations: defaults (the paper's settings) and validation.
 
-Config files in ``configs/`` start from ``search_config()`` and override fields; every list in
-``config.search.stages`` has one entry per stage.
+Config files in ``configs/`` start from ``search_config()`` or ``train_config()`` and override
+fields; every list in ``config.search.stages`` has one entry per stage. Loading a config imports
+no JAX: the names it checks against other modules' registries (start sets, morph presets) are
+checked where those live (``search.check``). Each step reads its hyper-parameters from a config
+in one place: ``search_step.StepConfig.from_config``, ``train_step.TrainConfig.from_config``.
 """
 from __future__ import annotations
 
 import ml_collections
 
-from prnas_jax import morph, ops, steps
 from prnas_jax.errors import UserError
 
+PROGRAMS = ('pieces', 'candidates', 'whole')  # search.programs: docs/design.md, "Program layouts"
 STAGE_KEYS = ('epochs', 'grace_epochs', 'keep', 'new', 'add_layers', 'add_width', 'skip_dropout')
 
 # Reference §5.1: the 9-stage schedule of the DL1, DL2, DR and UR searches.
@@ -80,8 +83,6 @@ def search_config() -> ml_collections.ConfigDict:
 def validate(config) -> None:
   """Raises a one-line UserError for the first problem in ``config``."""
   s = config.search
-  ops.start_set(s.start)
-  morph.get_preset(s.preset)
   stages = s.stages
   for key in STAGE_KEYS:
     rate = key == 'skip_dropout'
@@ -122,9 +123,9 @@ def validate(config) -> None:
     raise UserError(f'search.batch_size=0 picks the batch: search.max_batch_size '
                     f'({s.max_batch_size}) must be >= 8 and search.memory_fraction '
                     f'({s.memory_fraction}) in (0, 1]')
-  if s.programs not in steps.PROGRAMS:
+  if s.programs not in PROGRAMS:
     raise UserError(f'search.programs = {s.programs!r} is unknown: use one of '
-                    f'{", ".join(steps.PROGRAMS)}')
+                    f'{", ".join(PROGRAMS)}')
   if s.checkpoints_kept < 1:
     raise UserError(f'search.checkpoints_kept = {s.checkpoints_kept}: keep at least 1, the run '
                     'resumes from the newest checkpoint')

@@ -1,6 +1,6 @@
 """Data sets held in memory as uint8, and augmentation that runs inside the jitted step.
 
-Sources (design.md, Data): CIFAR-10/100 through a prepared tensorflow-datasets copy (read with
+Sources (docs/design.md, Data): CIFAR-10/100 through a prepared tensorflow-datasets copy (read with
 ``tfds.data_source``, no TensorFlow needed), or a folder laid out ``ROOT/<split>/<class>/*.jpg``.
 A split is decoded once and cached as an ``.npz`` (never pickled); later runs load the cache.
 """

@@ -2,7 +2,7 @@
 
 A cell lists two ``(candidate, input)`` entries per node, in node order; input 0 is c_{k-2},
 1 is c_{k-1} and ``i + 2`` is node i. Within a node the entries are kept in ascending input order
-(the node sums them, so the order carries no meaning). On disk (design.md, "Genotypes")::
+(the node sums them, so the order carries no meaning). On disk (docs/design.md, "Genotypes")::
 
   {"normal": [["conv(k=3,d=1,mul=[1])", 0], ...], "normal_concat": [2, 3, 4, 5],
    "reduce": [...], "reduce_concat": [2, 3, 4, 5]}
@@ -252,7 +252,7 @@ def load(name_or_path: str | os.PathLike) -> Genotype:
 
 
 def derive(edge_weights: list[dict[Spec, float]], max_skip: int | None = None) -> tuple[Entry, ...]:
-  """The cell of a searched supernet (design.md decision 4), optionally with a skip limit.
+  """The cell of a searched supernet (docs/design.md, "Genotypes"), optionally with a skip limit.
 
   ``edge_weights`` holds one ``{candidate: softmax weight}`` per edge, node by node and within a
   node by input index. Per edge, strength = the largest non-``Zero`` weight; each node keeps its 2

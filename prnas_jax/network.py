@@ -13,11 +13,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
-from prnas_jax import ops
+from prnas_jax import cells, ops
+from prnas_jax.cells import CellLayout
 from prnas_jax.genotype import Entry, Genotype
-from prnas_jax.supernet import CellLayout, layouts
-
-STEMS = ('cifar', 'imagenet')
 
 
 def drop_path(x, rate, key):
@@ -36,18 +34,13 @@ class Cell(nn.Module):
 
   @nn.compact
   def __call__(self, s0, s1, train: bool, drop_rate=0.0):
-    c = self.layout.channels
-    if self.layout.reduction_prev:
-      s0 = ops.FactorizedReduce(c, affine=True, name='pre0')(s0, train)
-    else:
-      s0 = ops.ReLUConvBN(c, affine=True, name='pre0')(s0, train)
-    states = [s0, ops.ReLUConvBN(c, affine=True, name='pre1')(s1, train)]
+    states = list(cells.preprocess(self.layout, s0, s1, train, affine=True))
     for node in range(len(self.entries) // 2):
       total = 0.0
       for slot in range(2):
         spec, j = self.entries[2 * node + slot]
-        stride = 2 if self.layout.reduction and j < 2 else 1
-        y = ops.make_op(spec, c, stride, affine=True, dw_form=self.dw_form,
+        stride = self.layout.stride(j)
+        y = ops.make_op(spec, self.layout.channels, stride, affine=True, dw_form=self.dw_form,
                         name=f'node{node}_{slot}')(states[j], train)
         if train and not (isinstance(spec, ops.Skip) and stride == 1):
           y = drop_path(y, drop_rate, self.make_rng('drop_path'))
@@ -85,31 +78,20 @@ class Network(nn.Module):
   dw_form: str | None = None
   remat: bool = False  # recompute each cell's activations in the backward pass (less memory)
 
-  def _conv_bn(self, x, features, stride, name, train):
-    x = nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)), use_bias=False,
-                name=name)(x)
-    return ops.batch_norm(True, f'{name}_bn')(x, use_running_average=not train)
-
   @nn.compact
   def __call__(self, x, train: bool, drop_rate=0.0):
-    c = self.channels
-    if self.stem == 'cifar':
-      s0 = s1 = self._conv_bn(x, self.stem_multiplier * c, 1, 'stem', train)
-    else:
-      s0 = self._conv_bn(nn.relu(self._conv_bn(x, c // 2, 2, 'stem0a', train)), c, 2, 'stem0b',
-                         train)
-      s1 = self._conv_bn(nn.relu(s0), c, 2, 'stem1', train)
+    s0, s1 = cells.stem(self.stem, self.channels, self.stem_multiplier, x, train)
     aux = None
-    for i, layout in enumerate(layouts(self.layers, c, reduction_prev=self.stem != 'cifar')):
-      kind = 'reduce' if layout.reduction else 'normal'
-      cell_cls = nn.remat(Cell, static_argnums=(3,)) if self.remat else Cell
-      cell = cell_cls(getattr(self.genotype, kind), getattr(self.genotype, f'{kind}_concat'),
-                      layout, self.dw_form, name=f'cell{i}')
+    cell_cls = nn.remat(Cell, static_argnums=(3,)) if self.remat else Cell
+    for i, layout in enumerate(cells.layouts(self.layers, self.channels,
+                                             reduction_prev=self.stem != 'cifar')):
+      cell = cell_cls(getattr(self.genotype, layout.kind),
+                      getattr(self.genotype, f'{layout.kind}_concat'), layout, self.dw_form,
+                      name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, train, drop_rate)
       if i == 2 * self.layers // 3 and self.auxiliary and train:
         aux = AuxHead(self.num_classes, 3 if self.stem == 'cifar' else 2, name='aux')(s1, train)
-    logits = nn.Dense(self.num_classes, name='head')(jnp.mean(s1, axis=(1, 2)))
-    return logits, aux
+    return cells.classifier(self.num_classes, s1), aux
 
 
 def param_count(params) -> int:

@@ -210,8 +210,9 @@ DW_FORMS = ('grouped', 'dense', 'shift')
 
 
 def default_dw_form() -> str:
-  """XLA:CPU's grouped convolution is slow (design.md): shifted slices there (the 8-cell ``mid``
-  search step 8.0 s against 8.8 s dense-diagonal, README), grouped elsewhere."""
+  """XLA:CPU's grouped convolution is slow (docs/design.md, "Depthwise convolution and
+  pooling"): shifted slices there (the 8-cell ``mid`` search step 8.0 s against 8.8 s
+  dense-diagonal, README), grouped elsewhere."""
   return 'shift' if jax.default_backend() == 'cpu' else 'grouped'
 
 

@@ -12,21 +12,18 @@ resumes from the newest one and ends exactly where an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import (autobatch, checkpoint, cli, data, genotype, metrics, morph, parallel,
-                       report, space, steps, supernet)
+from prnas_jax import (autobatch, checkpoint, cli, data, genotype, loop, metrics, morph, ops,
+                       optim, parallel, report, search_step, space, supernet)
 from prnas_jax.config import STAGE_KEYS, validate
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
 from prnas_jax.metrics import log
-
-CONCAT = (2, 3, 4, 5)
 
 
 @dataclasses.dataclass
@@ -56,46 +53,6 @@ def load_data(config) -> Splits:
   put = lambda s: jax.device_put(parallel.process_shard({'image': s.images, 'label': s.labels}))
   return Splits(put(halves[0]), put(halves[1]), train.num_classes,
                 tuple(map(float, mean)), tuple(map(float, std)))
-
-
-def stage_probs(sp, state, net) -> dict[str, list[dict[int, float]]]:
-  """Per cell type and edge: ``{column: softmax weight}`` of the active candidates."""
-  w = jax.device_get(supernet.edge_weights(state.alphas, supernet.alpha_masks(net.edge_ops())))
-  return {kind: [dict(zip(cell.active(e), map(float, w[kind][e]))) for e in range(cell.num_edges)]
-          for kind, cell in sp.items()}
-
-
-def derive(sp, probs, max_skip_normal: int) -> genotype.Genotype:
-  cells = {}
-  for kind, cell in sp.items():
-    weights = [{cell.candidates[c]: p for c, p in edge.items()} for edge in probs[kind]]
-    limit = max_skip_normal if kind == 'normal' and max_skip_normal >= 0 else None
-    cells[kind] = genotype.derive(weights, max_skip=limit)
-  return genotype.Genotype(cells['normal'], CONCAT, cells['reduce'], CONCAT)
-
-
-def prune_and_replace(sp, probs, config, stage: int, rng: np.random.Generator) -> dict:
-  """Prunes every edge of both cell types, then morphs survivors; returns what happened."""
-  s, st = config.search, config.search.stages
-  last = stage == len(st.epochs) - 1
-  preset = morph.get_preset(s.preset)
-  events = {}
-  for kind, cell in sp.items():
-    pruned, created, failed = [], [], 0
-    for e in range(cell.num_edges):
-      cols = cell.active(e)
-      dropped = cell.prune(e, [probs[kind][e][c] for c in cols], st.keep[stage], st.new[stage],
-                           keep_morphable=s.keep_morphable and not last,
-                           drop_zero=last and s.drop_zero_last)
-      pruned.append([str(cell.candidates[c]) for c in dropped])
-      survivors = {c: probs[kind][e][c] for c in cell.active(e)}
-      made, fails = cell.replace(e, survivors, st.new[stage], preset, rng, s.morph_tries,
-                                 s.revive_after)
-      failed += fails
-      created += [{'edge': e, 'child': str(cell.candidates[c]), 'parent': str(cell.candidates[p]),
-                   'parent_prob': prob} for c, p, prob in made]
-    events[kind] = {'pruned': pruned, 'created': created, 'failed_morphs': failed}
-  return events
 
 
 def checkpoint_step(epochs, stage: int, epoch: int) -> int:
@@ -198,7 +155,7 @@ class Search:
       batch = {'image': jax.ShapeDtypeStruct((b, *self.splits.image_shape), jnp.uint8,
                                              sharding=sharding),
                'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding)}
-      return steps.update_memory(state, batch, net=net, cfg=cfg)
+      return autobatch.update_memory(state, batch, net=net, cfg=cfg)
 
     limit = int(s.memory_fraction * autobatch.device_memory())
     cap = min(s.max_batch_size, self.split_size * jax.process_count())
@@ -214,18 +171,14 @@ class Search:
                           num_classes=self.splits.num_classes, dw_form=s.dw_form or None,
                           remat=s.remat)
 
-  def step_config(self, i: int) -> steps.StepConfig:
-    s = self.config.search
-    return steps.StepConfig(
-        mean=self.splits.mean, std=self.splits.std, momentum=s.momentum,
-        weight_decay=s.weight_decay, clip=s.clip, alpha_lr=s.alpha_lr, alpha_b1=s.alpha_b1,
-        alpha_b2=s.alpha_b2, alpha_weight_decay=s.alpha_weight_decay, alpha_clip=s.alpha_clip,
-        cutout=s.cutout, skip_dropout=s.stages.skip_dropout[i] > 0, programs=s.programs)
+  def step_config(self, i: int) -> search_step.StepConfig:
+    return search_step.StepConfig.from_config(self.config.search, i, self.splits.mean,
+                                              self.splits.std)
 
-  def new_state(self, i: int, net, variables, k_alpha) -> steps.SearchState:
+  def new_state(self, i: int, net, variables, k_alpha) -> search_step.SearchState:
     """Stage ``i``'s state: ``variables``, fresh alphas and fresh optimizers."""
     alphas = supernet.init_alphas(k_alpha, supernet.alpha_masks(net.edge_ops()))
-    return steps.create_state(variables, alphas, self.step_config(i))
+    return search_step.create_state(variables, alphas, self.step_config(i))
 
   def build_stage(self, i: int, previous):
     """The stage's supernet and its state: variables carried over by name when depth and width
@@ -293,63 +246,45 @@ class Search:
     ``timing`` (compile and training seconds of the stage) is updated."""
     s, st = self.config.search, self.config.search.stages
     epochs, grace, p_drop = st.epochs[i], st.grace_epochs[i], st.skip_dropout[i]
-    global_batch, local_batch, steps_per_epoch = (self.batch_sizes[i], self.local_batch(i),
-                                                  self.steps_per_epoch(i))
+    local_batch = self.local_batch(i)
+    spec = loop.Epochs(
+        count=epochs, steps=self.steps_per_epoch(i), batch=self.batch_sizes[i],
+        evaluation='valid', evaluate_from=epochs - s.valid_epochs,
+        nan_fix=f'lower search.lr ({s.lr}) or search.alpha_lr ({s.alpha_lr}), or check the data',
+        label=f'stage {i} ', scalar_offset=sum(st.epochs[:i]))
     batch = lambda split, idx: parallel.shard_batch({'image': split['image'][idx],
                                                      'label': split['label'][idx]})
     if first < epochs:
       widths = {k: [len(c) for c in net.edge_ops()[k]] for k in self.space}
       log.info(f'stage {i}: {net.layers} cells, C={net.channels}, candidates per edge '
                f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling')
-      update, timing['compile_s'] = steps.compile_update_step(
+      update, timing['compile_s'] = search_step.compile_update_step(
           state, batch(self.splits.weights, jnp.arange(local_batch)), net=net,
           cfg=self.step_config(i))
       log.info(f'stage {i}: compiled in {timing["compile_s"]:.1f} s')
 
-    for e in range(first, epochs):
-      lr = steps.epoch_cosine(s.lr, s.lr_min, epochs, e)
+    def begin(e):
+      lr = optim.epoch_cosine(s.lr, s.lr_min, epochs, e)
       drop = p_drop * ((epochs - e - 1) / epochs if e < grace else np.exp(-0.2 * (e - grace)))
-      w_idx = data.epoch_batches(self.batch_rng, len(self.splits.weights['label']),
-                                 local_batch)[:steps_per_epoch]
-      a_idx = data.epoch_batches(self.batch_rng, len(self.splits.alphas['label']),
-                                 local_batch)[:steps_per_epoch]
-      t0 = time.perf_counter()
-      sums = {'loss': 0.0, 'accuracy': 0.0}
-      losses = []  # per step, on device: fetched once at the end of the epoch
-      for n in range(steps_per_epoch):
+      w_idx, a_idx = (data.epoch_batches(self.batch_rng, len(split['label']), local_batch)
+                      for split in (self.splits.weights, self.splits.alphas))
+
+      def step(state, n):
         self.key, k = jax.random.split(self.key)
-        state, m = steps.search_step(update, state, batch(self.splits.weights, w_idx[n]),
-                                     batch(self.splits.alphas, a_idx[n]), e >= grace, lr, drop, k)
-        sums = {name: sums[name] + m[name] for name in sums}
-        losses.append(m['loss'])
-        self.progress.update(f'stage {i} epoch {e + 1}/{epochs}', n + 1, steps_per_epoch,
-                             global_batch, lambda: {'loss': float(sums['loss']) / (n + 1)})
-      train = {name: float(v) / steps_per_epoch for name, v in sums.items()}
-      seconds = time.perf_counter() - t0
-      losses = np.asarray(jax.device_get(losses))
-      if not np.isfinite(losses).all():
-        n = int(np.argmin(np.isfinite(losses)))
-        raise UserError(f'the training loss became {losses[n]} in stage {i} epoch {e + 1}/{epochs} '
-                        f'step {n + 1}/{steps_per_epoch}: lower search.lr ({s.lr}) or '
-                        f'search.alpha_lr ({s.alpha_lr}), or check the data')
-      scalars = {'train/loss': train['loss'], 'train/accuracy': train['accuracy'],
-                 'epoch/lr': lr,
-                 'epoch/seconds': seconds, 'epoch/skip_dropout': drop,
-                 'epoch/batch_size': global_batch,
-                 'epoch/images_per_s': steps_per_epoch * global_batch / seconds}
-      line = f'stage {i} epoch {e + 1}/{epochs}: train loss {train["loss"]:.4f} acc ' \
-             f'{train["accuracy"]:.4f}'
-      if epochs - e <= s.valid_epochs:
-        valid = self.evaluate(i, state, net)
-        scalars |= {'valid/loss': valid['loss'], 'valid/accuracy': valid['accuracy']}
-        line += f', valid loss {valid["loss"]:.4f} acc {valid["accuracy"]:.4f}'
-      log.info(f'{line} ({seconds:.1f} s)')
-      self.writer.scalars(self.epoch, scalars)
+        return search_step.search_step(update, state, batch(self.splits.weights, w_idx[n]),
+                                       batch(self.splits.alphas, a_idx[n]), e >= grace, lr,
+                                       drop, k)
+      return {'lr': lr, 'skip_dropout': drop}, step
+
+    def save(done, state, result):
+      timing['train_s'] += result['seconds']
       self.epoch += 1
-      timing['train_s'] += seconds
-      self.save(i, e + 1, state, timing)
+      self.save(i, done, state, timing)
+
+    state = loop.run(spec, state, first, begin=begin, evaluate=lambda state: self.evaluate(
+        i, state, net), save=save, writer=self.writer, progress=self.progress)
     parallel.check_same(jax.device_get(state.alphas), f'the alphas of stage {i}')
-    images_per_s = epochs * steps_per_epoch * global_batch / max(timing['train_s'], 1e-9)
+    images_per_s = epochs * spec.steps * spec.batch / max(timing['train_s'], 1e-9)
     self.writer.scalars(i, {'stage/compile_s': timing['compile_s'],
                             'stage/images_per_s': images_per_s})
     log.info(f'stage {i}: {images_per_s:.1f} img/s, compile {timing["compile_s"]:.1f} s')
@@ -358,14 +293,15 @@ class Search:
   def end_stage(self, i: int, net, state) -> genotype.Genotype | None:
     """Prunes and morphs by the trained alphas of stage ``i`` (recorded in stages/stage<i>.json);
     returns the genotype derived after the last stage."""
-    probs = stage_probs(self.space, state, net)
+    probs = supernet.edge_probs(self.space, state.alphas, net)
     record = {'stage': i, 'layers': net.layers, 'channels': net.channels,
               'probs': {kind: [{str(self.space[kind].candidates[c]): p for c, p in e.items()}
                                for e in probs[kind]] for kind in self.space}}
     geno = None
     if i == len(self.config.search.stages.epochs) - 1:
-      geno = derive(self.space, probs, self.config.search.max_skip_normal)
-    record['events'] = prune_and_replace(self.space, probs, self.config, i, self.morph_rng)
+      geno = space.derive(self.space, probs, self.config.search.max_skip_normal)
+    record['events'] = space.prune_and_replace(self.space, probs, self.config.search, i,
+                                               self.morph_rng)
     record['space'] = {kind: cell.to_json() for kind, cell in self.space.items()}
     write_json(self.workdir / 'stages' / f'stage{i}.json', record)
     self.log_events(i, record['events'])
@@ -374,15 +310,12 @@ class Search:
   def evaluate(self, i: int, state, net) -> dict:
     """Eval-mode loss and accuracy on the alpha split (whole batches of stage ``i``)."""
     split, bs = self.splits.alphas, self.local_batch(i)
-    total = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
-    for start in range(0, len(split['label']) - bs + 1, bs):
-      out = steps.eval_step(state, parallel.shard_batch({k: v[start:start + bs]
-                                                         for k, v in split.items()}),
-                            net=net, mean=self.splits.mean, std=self.splits.std,
-                            programs=self.config.search.programs)
-      total = {k: total[k] + out[k] for k in total}
-    count = int(total['count'])
-    return {'loss': float(total['loss_sum']) / count, 'accuracy': int(total['correct']) / count}
+    return loop.mean_loss_accuracy(
+        search_step.eval_step(state, parallel.shard_batch({k: v[start:start + bs]
+                                                            for k, v in split.items()}),
+                              net=net, mean=self.splits.mean, std=self.splits.std,
+                              programs=self.config.search.programs)
+        for start in range(0, len(split['label']) - bs + 1, bs))
 
   def log_space(self, step: int) -> None:
     for kind, cell in self.space.items():
@@ -403,10 +336,18 @@ class Search:
                f'{len(ev["created"])}, failed morphs {ev["failed_morphs"]}')
 
 
-def run(config, workdir, overwrite: bool = False) -> genotype.Genotype:
-  """Validates ``config`` and runs the search into ``workdir`` (refused if ``workdir`` holds a
-  different run, unless ``overwrite``)."""
+def check(config) -> None:
+  """Raises a one-line UserError for the first problem of a search ``config``: its values, then
+  the names it looks up (start set, morph preset)."""
   validate(config)
+  ops.start_set(config.search.start)
+  morph.get_preset(config.search.preset)
+
+
+def run(config, workdir, overwrite: bool = False) -> genotype.Genotype:
+  """Checks ``config`` and runs the search into ``workdir`` (refused if ``workdir`` holds a
+  different run, unless ``overwrite``)."""
+  check(config)
   cli.use_compile_cache(config.compile_cache)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

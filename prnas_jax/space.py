@@ -7,11 +7,12 @@ from typing import Sequence
 
 import numpy as np
 
-from prnas_jax import morph, ops
+from prnas_jax import genotype, morph, ops
 from prnas_jax.ops import Spec
 
 CELL_TYPES = ('normal', 'reduce')
 NODES = 4
+CONCAT = (2, 3, 4, 5)  # every node is part of a searched cell's output
 
 
 def edge_inputs(nodes: int = NODES) -> list[tuple[int, int]]:
@@ -170,3 +171,40 @@ def initial_space(start: str | Sequence[Spec]) -> dict[str, CellSpace]:
   """Both cell types from a start set name (``prdarts4``, ``prdarts5``, ``darts``) or specs."""
   specs = ops.start_set(start) if isinstance(start, str) else tuple(start)
   return {t: CellSpace.from_start(specs) for t in CELL_TYPES}
+
+
+def prune_and_replace(space, probs, search, stage: int, rng: np.random.Generator) -> dict:
+  """The end of stage ``stage`` of the search config ``search``: prunes every edge of both cell
+  types by ``probs`` (``supernet.edge_probs``), then morphs survivors into new candidates;
+  returns what happened."""
+  st = search.stages
+  last = stage == len(st.epochs) - 1
+  preset = morph.get_preset(search.preset)
+  events = {}
+  for kind, cell in space.items():
+    pruned, created, failed = [], [], 0
+    for e in range(cell.num_edges):
+      cols = cell.active(e)
+      dropped = cell.prune(e, [probs[kind][e][c] for c in cols], st.keep[stage], st.new[stage],
+                           keep_morphable=search.keep_morphable and not last,
+                           drop_zero=last and search.drop_zero_last)
+      pruned.append([str(cell.candidates[c]) for c in dropped])
+      survivors = {c: probs[kind][e][c] for c in cell.active(e)}
+      made, fails = cell.replace(e, survivors, st.new[stage], preset, rng, search.morph_tries,
+                                 search.revive_after)
+      failed += fails
+      created += [{'edge': e, 'child': str(cell.candidates[c]), 'parent': str(cell.candidates[p]),
+                   'parent_prob': prob} for c, p, prob in made]
+    events[kind] = {'pruned': pruned, 'created': created, 'failed_morphs': failed}
+  return events
+
+
+def derive(space, probs, max_skip_normal: int) -> genotype.Genotype:
+  """The genotype of ``space`` by ``probs`` (design decision 4, ``genotype.derive``), with at
+  most ``max_skip_normal`` skips in the normal cell (-1: no limit)."""
+  cells = {}
+  for kind, cell in space.items():
+    weights = [{cell.candidates[c]: p for c, p in edge.items()} for edge in probs[kind]]
+    limit = max_skip_normal if kind == 'normal' and max_skip_normal >= 0 else None
+    cells[kind] = genotype.derive(weights, max_skip=limit)
+  return genotype.Genotype(cells['normal'], CONCAT, cells['reduce'], CONCAT)

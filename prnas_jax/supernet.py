@@ -7,8 +7,7 @@ supernet takes over every surviving candidate's weights by name (``carry_over``)
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,30 +15,12 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from prnas_jax import morph, ops
+from prnas_jax import cells, morph, ops
+from prnas_jax.cells import CellLayout
 from prnas_jax.ops import Spec
 from prnas_jax.space import CELL_TYPES, NODES, edge_inputs
 
 EdgeOps = tuple[tuple[Spec, ...], ...]  # per edge, the active candidates in column order
-
-
-@dataclasses.dataclass(frozen=True)
-class CellLayout:
-  reduction: bool
-  reduction_prev: bool
-  channels: int
-
-
-def layouts(layers: int, channels: int, reduction_prev: bool = False) -> list[CellLayout]:
-  """Cells with reductions at ``layers//3`` and ``2*layers//3``; C doubles at each.
-  ``reduction_prev``: the stem halves the resolution of c_{k-2} (the ImageNet stems)."""
-  out, c, prev = [], channels, reduction_prev
-  for i in range(layers):
-    red = i in (layers // 3, 2 * layers // 3)
-    c = c * 2 if red else c
-    out.append(CellLayout(red, prev, c))
-    prev = red
-  return out
 
 
 class SearchPool(nn.Module):
@@ -105,37 +86,16 @@ class Candidate(nn.Module):
     return weights[index[0], index[1]] * y
 
 
-def _preprocess(layout: CellLayout, s0, s1, train: bool):
-  """The cell's two inputs brought to C channels at its resolution (modules ``pre0``, ``pre1``
-  in the calling module's scope)."""
-  c = layout.channels
-  if layout.reduction_prev:
-    s0 = ops.FactorizedReduce(c, name='pre0')(s0, train)
-  else:
-    s0 = ops.ReLUConvBN(c, name='pre0')(s0, train)
-  return s0, ops.ReLUConvBN(c, name='pre1')(s1, train)
-
-
 def _nodes(edges: EdgeOps, layout: CellLayout, dw_form, s0, s1, weights, train, skip_drop):
   """The cell's nodes from its preprocessed inputs, concatenated (modules ``edge{e}``)."""
   states, nodes = [s0, s1], [0.0] * NODES
   for e, (node, j) in enumerate(edge_inputs()):
-    stride = 2 if layout.reduction and j < 2 else 1
-    y = MixedOp(edges[e], layout.channels, stride, dw_form, name=f'edge{e}')(
+    y = MixedOp(edges[e], layout.channels, layout.stride(j), dw_form, name=f'edge{e}')(
         states[j], weights[e], train, skip_drop)
     nodes[node] = nodes[node] + y
     if j == node + 1:  # the node's last input: it is complete
       states.append(nodes[node])
   return jnp.concatenate(states[2:], axis=-1)
-
-
-def _stem(channels: int, x, train: bool):
-  x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name='stem')(x)
-  return ops.batch_norm(True, name='stem_bn')(x, use_running_average=not train)
-
-
-def _head(num_classes: int, x):
-  return nn.Dense(num_classes, name='head')(jnp.mean(x, axis=(1, 2)))
 
 
 class SearchCell(nn.Module):
@@ -145,8 +105,44 @@ class SearchCell(nn.Module):
 
   @nn.compact
   def __call__(self, s0, s1, weights, train: bool, skip_drop=None):
-    s0, s1 = _preprocess(self.layout, s0, s1, train)
+    s0, s1 = cells.preprocess(self.layout, s0, s1, train, affine=False)
     return _nodes(self.edges, self.layout, self.dw_form, s0, s1, weights, train, skip_drop)
+
+
+class CellNodes(nn.Module):
+  """A search cell after its preprocessing (a piece): equal for the cells of one type and width,
+  which therefore share its compiled programs."""
+  edges: EdgeOps
+  layout: CellLayout
+  dw_form: str | None = None
+
+  @nn.compact
+  def __call__(self, s0, s1, weights, train: bool, skip_drop=None):
+    return _nodes(self.edges, self.layout, self.dw_form, s0, s1, weights, train, skip_drop)
+
+
+class Concat(nn.Module):
+  """A cell's output from its nodes (a piece of the per-candidate layout)."""
+
+  def __call__(self, *nodes, train: bool):
+    del train
+    return jnp.concatenate(nodes, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """A separately compiled part of the supernet (docs/design.md, "Program layouts"): ``module``
+  applied to the named values ``inputs`` (and ``index`` as a traced constant) writes the values
+  ``outputs``; a value written by several pieces is their sum. Its variables are ``keys`` under
+  ``scope`` in the supernet's trees (``select``); ``dropout``: it takes the skip-dropout rate."""
+  name: str
+  module: nn.Module
+  inputs: tuple[str, ...]
+  outputs: tuple[str, ...]
+  scope: tuple[str, ...] = ()
+  keys: tuple[str, ...] = ()
+  index: tuple[int, ...] = ()
+  dropout: bool = False
 
 
 class Supernet(nn.Module):
@@ -162,108 +158,72 @@ class Supernet(nn.Module):
 
   @nn.compact
   def __call__(self, x, weights: Mapping[str, jax.Array], train: bool, skip_drop=None):
-    s0 = s1 = _stem(self.stem_multiplier * self.channels, x, train)
-    for i, layout in enumerate(layouts(self.layers, self.channels)):
-      kind = 'reduce' if layout.reduction else 'normal'
-      cell_cls = nn.remat(SearchCell, static_argnums=(4,)) if self.remat else SearchCell
-      cell = cell_cls(getattr(self, kind), layout, self.dw_form, name=f'cell{i}')
-      s0, s1 = s1, cell(s0, s1, weights[kind], train, skip_drop)
-    return _head(self.num_classes, s1)
+    s0, s1 = cells.stem('cifar', self.channels, self.stem_multiplier, x, train)
+    cell_cls = nn.remat(SearchCell, static_argnums=(4,)) if self.remat else SearchCell
+    for i, layout in enumerate(self.layouts()):
+      cell = cell_cls(getattr(self, layout.kind), layout, self.dw_form, name=f'cell{i}')
+      s0, s1 = s1, cell(s0, s1, weights[layout.kind], train, skip_drop)
+    return cells.classifier(self.num_classes, s1)
+
+  def layouts(self) -> list[CellLayout]:
+    return cells.layouts(self.layers, self.channels)
 
   def edge_ops(self) -> dict[str, EdgeOps]:
     return {'normal': self.normal, 'reduce': self.reduce}
 
-  def pieces(self) -> list[tuple[str, nn.Module]]:
-    """The supernet as a chain of separately applicable modules, each with the variables
-    ``select(variables, name)``: ``('stem', Stem)``, per cell ``('cell{i}/pre', CellInputs)``
-    and ``('cell{i}/nodes', CellNodes)`` (equal for cells of one type and width, so they share
-    a compiled program), ``('head', Head)``."""
-    out = [('stem', Stem(self.stem_multiplier * self.channels, parent=None))]
-    for i, layout in enumerate(layouts(self.layers, self.channels)):
-      kind = 'reduce' if layout.reduction else 'normal'
-      out.append((f'cell{i}/pre', CellInputs(layout, parent=None)))
-      out.append((f'cell{i}/nodes', CellNodes(getattr(self, kind), dataclasses.replace(
-          layout, reduction_prev=False), self.dw_form, parent=None)))
-    return out + [('head', Head(self.num_classes, parent=None))]
+  def pieces(self, per_candidate: bool = False) -> list[Piece]:
+    """The supernet as a chain of pieces over named values: ``images`` and ``weights/<kind>``
+    (the edge weights of a cell type) in, ``logits`` out of the last piece, the head.
+
+    ``stem``, then per cell ``cell{i}/pre`` (its inputs, ``cell{i}/s0`` and ``cell{i}/s1``) and
+    ``cell{i}/nodes`` (its output ``cell{i}``), then ``head``. ``per_candidate``: each cell's
+    nodes as one piece per candidate of every edge, ``cell{i}/edge{e}/<spec>`` (adding into
+    ``cell{i}/node{k}``), and ``cell{i}/concat``; these modules are equal for every edge and
+    cell with the same spec, stride and width."""
+    out = [Piece('stem', cells.Stem(self.stem_multiplier * self.channels, parent=None),
+                 ('images',), ('stem',), keys=('stem', 'stem_bn'))]
+    s0, s1 = 'stem', 'stem'
+    for i, layout in enumerate(self.layouts()):
+      cell, edges = f'cell{i}', getattr(self, layout.kind)
+      out.append(Piece(f'{cell}/pre', cells.CellInputs(layout, parent=None), (s0, s1),
+                       (f'{cell}/s0', f'{cell}/s1'), (cell,), ('pre0', 'pre1')))
+      weights = f'weights/{layout.kind}'
+      if not per_candidate:
+        nodes = CellNodes(edges, dataclasses.replace(layout, reduction_prev=False), self.dw_form,
+                          parent=None)
+        out.append(Piece(f'{cell}/nodes', nodes, (f'{cell}/s0', f'{cell}/s1', weights), (cell,),
+                         (cell,), tuple(f'edge{e}' for e in range(len(edges))), dropout=True))
+      else:
+        states = [f'{cell}/s0', f'{cell}/s1'] + [f'{cell}/node{k}' for k in range(NODES)]
+        for e, (node, j) in enumerate(edge_inputs()):  # node by node
+          for col, spec in enumerate(edges[e]):
+            module = Candidate(spec, layout.channels, layout.stride(j), self.dw_form,
+                               parent=None)
+            out.append(Piece(f'{cell}/edge{e}/{spec}', module, (states[j], weights),
+                             (states[2 + node],), (cell, f'edge{e}'), (str(spec),), (e, col),
+                             dropout=True))
+        out.append(Piece(f'{cell}/concat', Concat(parent=None), tuple(states[2:]), (cell,)))
+      s0, s1 = s1, cell
+    return out + [Piece('head', cells.Head(self.num_classes, parent=None), (s1,), ('logits',),
+                        keys=('head',))]
 
 
-class Stem(nn.Module):
-  channels: int
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    return _stem(self.channels, x, train)
-
-
-class CellInputs(nn.Module):
-  layout: CellLayout
-
-  @nn.compact
-  def __call__(self, s0, s1, train: bool):
-    return _preprocess(self.layout, s0, s1, train)
+def select(tree, piece: Piece) -> dict:
+  """The part of a ``params`` or ``batch_stats`` tree that belongs to ``piece``."""
+  for name in piece.scope:
+    tree = tree.get(name, {})
+  return {k: tree[k] for k in piece.keys if k in tree}
 
 
-class CellNodes(nn.Module):
-  edges: EdgeOps
-  layout: CellLayout
-  dw_form: str | None = None
-
-  @nn.compact
-  def __call__(self, s0, s1, weights, train: bool, skip_drop=None):
-    return _nodes(self.edges, self.layout, self.dw_form, s0, s1, weights, train, skip_drop)
-
-
-@functools.cache
-def node_candidates(nodes: CellNodes) -> list[list[tuple[int, int, int, Candidate]]]:
-  """Per node of ``nodes``, its candidates in the order the cell adds them up:
-  ``(edge, input state, column, Candidate)``; states are ``[s0, s1, node0, ...]``."""
-  out = [[] for _ in range(NODES)]
-  for e, (node, j) in enumerate(edge_inputs()):
-    stride = 2 if nodes.layout.reduction and j < 2 else 1
-    out[node] += [(e, j, col, Candidate(spec, nodes.layout.channels, stride, nodes.dw_form,
-                                        parent=None))
-                  for col, spec in enumerate(nodes.edges[e])]
-  return out
-
-
-class Head(nn.Module):
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x):
-    return _head(self.num_classes, x)
-
-
-_PIECE_KEYS = {'stem': ('stem', 'stem_bn'), 'head': ('head',), 'pre': ('pre0', 'pre1')}
-
-
-def select(tree, piece: str) -> dict:
-  """The part of a ``params`` or ``batch_stats`` tree that belongs to ``piece`` (a name from
-  ``Supernet.pieces``, or ``cell{i}/edge{e}/<candidate>``)."""
-  if piece in ('stem', 'head'):
-    return {k: tree[k] for k in _PIECE_KEYS[piece] if k in tree}
-  cell, part, *spec = piece.split('/')
-  sub = tree.get(cell, {})
-  if spec:
-    edge = sub.get(part, {})
-    return {spec[0]: edge[spec[0]]} if spec[0] in edge else {}
-  if part == 'pre':
-    return {k: v for k, v in sub.items() if k in _PIECE_KEYS['pre']}
-  return {k: v for k, v in sub.items() if k not in _PIECE_KEYS['pre']}
-
-
-def merge(parts: Mapping[str, dict]) -> dict:
-  """The inverse of ``select``: one tree from every piece's part."""
+def merge(parts: Iterable[tuple[Piece, dict]]) -> dict:
+  """The inverse of ``select``: one tree from the parts of every piece."""
   out = {}
-  for piece, sub in parts.items():
-    cell, *part = piece.split('/')
-    if len(part) == 2:  # a candidate: cell/edge/spec
-      if sub:
-        out.setdefault(cell, {}).setdefault(part[0], {}).update(sub)
-    elif part:
-      out.setdefault(cell, {}).update(sub)
-    else:
-      out.update(sub)
+  for piece, part in parts:
+    if part:
+      node = out
+      for name in piece.scope:
+        node = node.setdefault(name, {})
+      node.update(part)
   return out
 
 
@@ -296,6 +256,14 @@ def init_variables(net: Supernet, key, image_shape) -> dict:
   masks = alpha_masks(net.edge_ops())
   weights = edge_weights(init_alphas(jax.random.key(0), masks), masks)
   return net.init(key, jnp.zeros((1, *image_shape), jnp.float32), weights, train=False)
+
+
+def edge_probs(space, alphas, net: Supernet) -> dict[str, list[dict[int, float]]]:
+  """Per cell type and edge of ``space`` (``net``'s): ``{column: softmax weight}`` of the active
+  candidates."""
+  w = jax.device_get(edge_weights(alphas, alpha_masks(net.edge_ops())))
+  return {kind: [dict(zip(cell.active(e), map(float, w[kind][e]))) for e in range(cell.num_edges)]
+          for kind, cell in space.items()}
 
 
 def edge_weights(alphas: Mapping[str, jax.Array], masks: Mapping[str, np.ndarray]):
@@ -336,9 +304,8 @@ def init_from_parents(variables, net: Supernet,
                       transfers: Mapping[str, Sequence[tuple[int, Spec, Spec]]], key):
   """Initialises each ``(edge, parent, child)`` of each cell type in every cell of that type
   from the parent's weights with the morph transfer functions, in the given order."""
-  for i, layout in enumerate(layouts(net.layers, net.channels)):
-    kind = 'reduce' if layout.reduction else 'normal'
-    for edge, parent, child in transfers.get(kind, ()):
+  for i, layout in enumerate(net.layouts()):
+    for edge, parent, child in transfers.get(layout.kind, ()):
       key, sub = jax.random.split(key)
       child_vars = morph.transfer(_candidate(variables, i, edge, parent), parent, child,
                                   layout.channels, sub)

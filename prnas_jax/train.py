@@ -8,7 +8,6 @@ network and prints ``params: N`` (without the auxiliary head, as the papers coun
 from __future__ import annotations
 
 import functools
-import math
 import time
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import checkpoint, cli, data, genotype, imagenet, metrics, network, parallel, steps
+from prnas_jax import (checkpoint, cli, data, genotype, imagenet, loop, metrics, network, optim,
+                       parallel, train_step)
 from prnas_jax.config import validate_train
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -27,7 +27,7 @@ def learning_rate(config, epoch: int) -> float:
   """The learning rate of ``epoch`` (constant within an epoch, as in the reference)."""
   n = config.epochs
   if config.schedule == 'cosine':
-    lr = steps.epoch_cosine(config.lr, config.lr_min, n, epoch)
+    lr = optim.epoch_cosine(config.lr, config.lr_min, n, epoch)
   elif n - epoch > 5:  # 'linear': to a fifth of the way down over n-5 epochs, then a short tail
     lr = config.lr * (n - 5 - epoch) / (n - 5)
   else:
@@ -82,21 +82,18 @@ class Training:
     self.local_batch = parallel.check_batch(config.batch_size, 'batch_size')
     parallel.check_batch(config.test_batch_size, 'test_batch_size')
     self.net = build_network(config, train.num_classes)
-    self.cfg = steps.TrainConfig(
-        mean=self.mean, std=self.std, momentum=config.momentum,
-        weight_decay=config.weight_decay, clip=config.clip, aux_weight=config.model.aux_weight,
-        label_smoothing=config.label_smoothing, cutout=config.cutout,
-        augment='imagenet' if isinstance(train, imagenet.Stream) else 'cifar')
+    self.cfg = train_step.TrainConfig.from_config(
+        config, self.mean, self.std, 'imagenet' if isinstance(train, imagenet.Stream) else 'cifar')
     self.steps_per_epoch = len(train) // jax.process_count() // self.local_batch
     self.key = jax.random.key(config.seed)
     # XLA's RngBitGenerator: the initialiser compiles 4x faster than with threefry keys
     self.init_key = jax.random.key(config.seed, impl='unsafe_rbg')
     self.checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints', config.checkpoints_kept)
 
-  def initial_state(self) -> steps.TrainState:
+  def initial_state(self) -> train_step.TrainState:
     init = jax.jit(lambda k, x: self.net.init({'params': k, 'drop_path': k}, x, train=True))
     variables = init(self.init_key, jnp.zeros((1, *self.train.image_shape), jnp.float32))
-    return steps.create_train_state(variables, self.cfg)
+    return train_step.create_train_state(variables, self.cfg)
 
   def resume(self):
     """The newest checkpoint's state and record, or a fresh state and record."""
@@ -124,43 +121,36 @@ class Training:
                                              sharding=parallel.batch_sharded()),
                'label': jax.ShapeDtypeStruct((c.batch_size,), jnp.int32,
                                              sharding=parallel.batch_sharded())}
-    step = steps.train_step.lower(state, example, np.float32(0), np.float32(0), self.key,
-                                  net=self.net, cfg=self.cfg).compile()
+    step = train_step.train_step.lower(state, example, np.float32(0), np.float32(0), self.key,
+                                       net=self.net, cfg=self.cfg).compile()
     log.info(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
-    for epoch in range(record['epoch'], c.epochs):
-      lr = learning_rate(c, epoch)
-      drop = c.model.drop_path * epoch / c.epochs
+
+    def begin(epoch):
+      lr, drop = learning_rate(c, epoch), c.model.drop_path * epoch / c.epochs
       epoch_key = jax.random.fold_in(self.key, epoch)
-      sums = {'loss': 0.0, 'accuracy': 0.0}
-      t0 = time.perf_counter()
-      for n, batch in enumerate(self.train.epoch_batches(c.seed, epoch, self.local_batch)):
-        state, m = step(state, parallel.shard_batch(batch), np.float32(lr), np.float32(drop),
-                        jax.random.fold_in(epoch_key, n))
-        sums = {k: sums[k] + m[k] for k in sums}
-        progress.update(f'epoch {epoch + 1}/{c.epochs}', n + 1, self.steps_per_epoch,
-                        c.batch_size, lambda: {'loss': float(sums['loss']) / (n + 1), 'lr': lr})
-      train = {k: float(v) / self.steps_per_epoch for k, v in sums.items()}
-      seconds = time.perf_counter() - t0
-      if not math.isfinite(train['loss']):
-        raise UserError(f'the training loss became {train["loss"]} in epoch {epoch}: lower lr, '
-                        'or check the data; the last good checkpoint is kept')
-      test = self.evaluate(state)
-      entry = {'epoch': epoch, 'lr': lr, 'drop_path': drop, 'seconds': seconds,
-               'images_per_s': self.steps_per_epoch * c.batch_size / seconds,
-               'train_loss': train['loss'], 'train_accuracy': train['accuracy'],
-               'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
-      log.info(f'epoch {epoch + 1}/{c.epochs}: train loss {train["loss"]:.4f} acc '
-               f'{train["accuracy"]:.4f}, test loss {test["loss"]:.4f} acc '
-               f'{test["accuracy"]:.4f} ({seconds:.1f} s, {entry["images_per_s"]:.1f} img/s)')
-      writer.scalars(epoch, {'epoch/lr': lr, 'epoch/drop_path_prob': drop,
-                             'epoch/seconds': seconds, 'epoch/batch_size': c.batch_size,
-                             'epoch/images_per_s': entry['images_per_s'],
-                             'train/loss': train['loss'], 'train/accuracy': train['accuracy'],
-                             'test/loss': test['loss'], 'test/accuracy': test['accuracy']})
-      record = {'epoch': epoch + 1, 'history': record['history'] + [entry],
+      batches = self.train.epoch_batches(c.seed, epoch, self.local_batch)
+
+      def step_fn(state, n):
+        return step(state, parallel.shard_batch(next(batches)), np.float32(lr),
+                    np.float32(drop), jax.random.fold_in(epoch_key, n))
+      return {'lr': lr, 'drop_path_prob': drop}, step_fn
+
+    def save(done, state, result):
+      nonlocal record
+      entry = {'epoch': result['epoch'], 'lr': result['lr'], 'drop_path': result['drop_path_prob'],
+               'seconds': result['seconds'], 'images_per_s': result['images_per_s']} | {
+                   f'{split}_{k}': result[split][k] for split in ('train', 'test')
+                   for k in ('loss', 'accuracy')}
+      record = {'epoch': done, 'history': record['history'] + [entry],
                 'scalars_lines': writer.lines}
-      self.checkpoints.save(epoch + 1, state, record)
+      self.checkpoints.save(done, state, record)
       write_json(self.workdir / 'results.json', self.results(record))
+
+    spec = loop.Epochs(count=c.epochs, steps=self.steps_per_epoch, batch=c.batch_size,
+                       evaluation='test', evaluate_from=0,
+                       nan_fix='lower lr, or check the data; the last good checkpoint is kept')
+    loop.run(spec, state, record['epoch'], begin=begin, evaluate=self.evaluate, save=save,
+             writer=writer, progress=progress)
     writer.close()
     self.checkpoints.close()
     return self.results(record)
@@ -184,13 +174,10 @@ class Training:
 
   def evaluate(self, state) -> dict:
     """Plain cross-entropy and accuracy on the whole test split."""
-    total = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
-    for batch in self.test.eval_batches(self.config.test_batch_size):
-      out = steps.test_step(state, parallel.shard_batch(batch), net=self.net, mean=self.mean,
-                            std=self.std)
-      total = {k: total[k] + out[k] for k in total}
-    count = int(total['count'])
-    return {'loss': float(total['loss_sum']) / count, 'accuracy': int(total['correct']) / count}
+    return loop.mean_loss_accuracy(
+        train_step.test_step(state, parallel.shard_batch(batch), net=self.net, mean=self.mean,
+                             std=self.std)
+        for batch in self.test.eval_batches(self.config.test_batch_size))
 
 
 def load_data(config):

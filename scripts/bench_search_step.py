@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from prnas_jax import ops, space, steps, supernet  # noqa: E402
+from prnas_jax import ops, search_step, space, supernet  # noqa: E402
 from prnas_jax.ops import Conv, Pool  # noqa: E402
 
 STAGES = {
@@ -49,8 +49,8 @@ def main(_):
   t0 = time.perf_counter()
   variables = supernet.init_variables(net, k_init, (32, 32, 3))
   init_s = time.perf_counter() - t0
-  cfg = steps.StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3, programs=config.search.programs)
-  state = steps.create_state(variables, alphas, cfg)
+  cfg = search_step.StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3, programs=config.search.programs)
+  state = search_step.create_state(variables, alphas, cfg)
   rng = np.random.default_rng(0)
 
   def data():
@@ -58,18 +58,19 @@ def main(_):
             'label': jax.device_put(rng.integers(0, 10, batch).astype(np.int32))}
 
   cpu0 = _cpu_seconds()
-  update, compile_s = steps.compile_update_step(state, data(), net=net, cfg=cfg)
+  update, compile_s = search_step.compile_update_step(state, data(), net=net, cfg=cfg)
   compile_cores = (_cpu_seconds() - cpu0) / compile_s
   # XLA's cost analysis of the whole update (before optimisation, so equal for both program
   # layouts), twice: an alpha and a weight update per step
-  lowered = steps.update_step.lower(state, data(), np.bool_(True), np.float32(0), np.float32(0),
+  lowered = search_step.update_step.lower(state, data(), np.bool_(True), np.float32(0), np.float32(0),
                                     jax.random.key(0), net=net, cfg=cfg)
   flops = 2 * (lowered.cost_analysis() or {}).get('flops', float('nan'))
   times, cpu = [], []
   for i in range(_STEPS.value + 1):
     w, a = data(), data()
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    state, m = steps.search_step(update, state, w, a, True, 0.025, 0.0, jax.random.key(i))
+    state, m = search_step.search_step(update, state, w, a, True, 0.025, 0.0,
+                                       jax.random.key(i))
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
     cpu.append(_cpu_seconds() - cpu0)

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from prnas_jax import data, network, ops, steps, train  # noqa: E402
+from prnas_jax import data, network, ops, train, train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 _BATCH = flags.DEFINE_integer('batch', 128, 'Batch size.')
@@ -31,7 +31,7 @@ def main(_):
   config, batch = _CONFIG.value, _BATCH.value
   size = config.image_size or 32
   net = train.build_network(config, data.num_classes(config.data))
-  cfg = steps.TrainConfig(mean=(0.5,) * 3, std=(0.25,) * 3, cutout=config.cutout,
+  cfg = train_step.TrainConfig(mean=(0.5,) * 3, std=(0.25,) * 3, cutout=config.cutout,
                           label_smoothing=config.label_smoothing,
                           augment='imagenet' if config.model.stem == 'imagenet' else 'cifar')
   t0 = time.perf_counter()
@@ -40,7 +40,7 @@ def main(_):
                                          jnp.zeros((1, size, size, 3)), train=True))(key)
   jax.block_until_ready(variables)
   init_s = time.perf_counter() - t0
-  state = steps.create_train_state(variables, cfg)
+  state = train_step.create_train_state(variables, cfg)
   rng = np.random.default_rng(0)
 
   def batch_data():
@@ -48,7 +48,7 @@ def main(_):
             'label': jax.device_put(rng.integers(0, net.num_classes, batch).astype(np.int32))}
 
   t0 = time.perf_counter()
-  step = steps.train_step.lower(state, batch_data(), np.float32(0), np.float32(0),
+  step = train_step.train_step.lower(state, batch_data(), np.float32(0), np.float32(0),
                                 jax.random.key(0), net=net, cfg=cfg).compile()
   compile_s = time.perf_counter() - t0
   flops = (step.cost_analysis() or {}).get('flops', float('nan'))

@@ -9,14 +9,14 @@ import time
 import jax
 import numpy as np
 
-from prnas_jax import genotype, network, parallel, space, steps, supernet
+from prnas_jax import genotype, network, parallel, search_step, space, supernet, train_step
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_disable_most_optimizations', True)  # compile time dominates here
 
 BATCH, TIMED = 16, 3
-CFG = steps.StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3)
-TRAIN_CFG = steps.TrainConfig(mean=(0.5,) * 3, std=(0.25,) * 3, cutout=4)
+CFG = search_step.StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3)
+TRAIN_CFG = train_step.TrainConfig(mean=(0.5,) * 3, std=(0.25,) * 3, cutout=4)
 
 
 def _batches(n):
@@ -63,14 +63,15 @@ def search():
   net = supernet.build(space.initial_space('prdarts4'), layers=3, channels=4)
   masks = supernet.alpha_masks(net.edge_ops())
   variables = supernet.init_variables(net, jax.random.key(0), (16, 16, 3))
-  state = jax.device_get(steps.create_state(
+  state = jax.device_get(search_step.create_state(
       variables, supernet.init_alphas(jax.random.key(3), masks), CFG))
   b = _batches(2 * (1 + TIMED))
   batches = list(zip(b[::2], b[1::2]))
 
   def step(state, weight_batch, alpha_batch, key):
-    update, _ = steps.compile_update_step(state, weight_batch, net=net, cfg=CFG)
-    return steps.search_step(update, state, weight_batch, alpha_batch, True, 0.025, 0.0, key)
+    update, _ = search_step.compile_update_step(state, weight_batch, net=net, cfg=CFG)
+    return search_step.search_step(update, state, weight_batch, alpha_batch, True, 0.025, 0.0,
+                                   key)
   result = _compare('search', step, state, batches)
   jax.config.update('jax_disable_most_optimizations', True)
   return result
@@ -81,8 +82,8 @@ def train():
                         auxiliary=False)
   variables = net.init({'params': jax.random.key(0), 'drop_path': jax.random.key(0)},
                        np.zeros((1, 16, 16, 3), np.float32), train=True)
-  state = jax.device_get(steps.create_train_state(variables, TRAIN_CFG))
-  step = lambda state, batch, key: steps.train_step(state, batch, np.float32(0.025),
+  state = jax.device_get(train_step.create_train_state(variables, TRAIN_CFG))
+  step = lambda state, batch, key: train_step.train_step(state, batch, np.float32(0.025),
                                                     np.float32(0.1), key, net=net, cfg=TRAIN_CFG)
   return _compare('train', step, state, [(b,) for b in _batches(1 + TIMED)])
 

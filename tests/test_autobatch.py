@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from prnas_jax import autobatch, ops, parallel, search, space, steps, supernet
+from prnas_jax import autobatch, ops, parallel, search, search_step, space, supernet
 from prnas_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,8 @@ def _tiny():
   net = supernet.build(space.initial_space(ops.START_SETS['prdarts4']), layers=3, channels=4,
                        remat=True)
   alphas = supernet.init_alphas(jax.random.key(1), supernet.alpha_masks(net.edge_ops()))
-  cfg = steps.StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3)
-  state = steps.create_state(supernet.init_variables(net, jax.random.key(0), (32, 32, 3)),
+  cfg = search_step.StepConfig(mean=(0.5,) * 3, std=(0.25,) * 3)
+  state = search_step.create_state(supernet.init_variables(net, jax.random.key(0), (32, 32, 3)),
                              alphas, cfg)
   return net, parallel.replicate(state), cfg
 
@@ -62,8 +62,8 @@ def test_piece_memory_is_the_state_plus_a_share_per_example():
   """XLA's analysis of the per-piece programs: the state and batch, plus about the same amount
   per example at batch 8 and 16 (what the fit's straight line assumes)."""
   net, state, cfg = _tiny()
-  m8, m16 = (steps.update_memory(state, _batch(b), net=net, cfg=cfg) for b in (8, 16))
-  base = steps._device_bytes(state)
+  m8, m16 = (autobatch.update_memory(state, _batch(b), net=net, cfg=cfg) for b in (8, 16))
+  base = autobatch._device_bytes(state)
   assert m16 - m8 == pytest.approx(m8 - base, rel=0.25)
   assert m16 - m8 > 8 * 32 * 32 * 4 * 4  # at least one stored 4-channel activation per example
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from prnas_jax import data, imagenet, steps, train
+from prnas_jax import data, imagenet, train, train_step
 from prnas_jax.config import train_config
 
 
@@ -54,14 +54,14 @@ def test_imagenet_training_step_learns_on_one_batch(tmp_path):
     stream = imagenet.Stream(_data_config(tmp_path), 'train', 64, workers=2)
     batch = next(iter(stream.epoch_batches(seed=0, epoch=0, batch=8)))
   net = train.build_network(config, 1000)
-  cfg = steps.TrainConfig(mean=(0.5,) * 3, std=(0.25,) * 3, augment='imagenet',
+  cfg = train_step.TrainConfig(mean=(0.5,) * 3, std=(0.25,) * 3, augment='imagenet',
                           label_smoothing=0.1, cutout=0)
   variables = net.init({'params': jax.random.key(0), 'drop_path': jax.random.key(1)},
                        np.zeros((1, 64, 64, 3), np.float32), train=True)
-  state = steps.create_train_state(variables, cfg)
+  state = train_step.create_train_state(variables, cfg)
   losses = []
   for i in range(4):
-    state, m = steps.train_step(state, batch, np.float32(0.05), np.float32(0.0),
+    state, m = train_step.train_step(state, batch, np.float32(0.05), np.float32(0.0),
                                 jax.random.key(i), net=net, cfg=cfg)
     losses.append(float(m['loss']))
   assert np.isfinite(losses).all() and losses[-1] < losses[0]

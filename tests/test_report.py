@@ -36,7 +36,7 @@ def _fake_search(workdir, stages=3):
                     for e in range(cell.num_edges)] for kind, cell in sp.items()}
     record = {'stage': i, 'probs': {kind: [{str(sp[kind].candidates[c]): p for c, p in e.items()}
                                            for e in probs[kind]] for kind in sp}}
-    record['events'] = search.prune_and_replace(sp, probs, config, i, rng)
+    record['events'] = space.prune_and_replace(sp, probs, config.search, i, rng)
     record['space'] = {kind: cell.to_json() for kind, cell in sp.items()}
     write_json(workdir / 'stages' / f'stage{i}.json', record)
   if stages == len(st.epochs):

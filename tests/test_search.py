@@ -47,7 +47,7 @@ def _bad(mutate):
   with config.unlocked():
     mutate(config)
   with pytest.raises(UserError) as info:
-    config_lib.validate(config)
+    search.check(config)
   assert '\n' not in str(info.value)
   return str(info.value)
 
@@ -100,7 +100,7 @@ def test_prune_and_replace_a_stage():
   config = _load('tiny')
   sp = space.initial_space('prdarts4')
   probs = _probs(sp, [0.4, 0.1, 0.3, 0.2])  # max-pool, avg-pool, skip, conv
-  events = search.prune_and_replace(sp, probs, config, 0, np.random.default_rng(0))
+  events = space.prune_and_replace(sp, probs, config.search, 0, np.random.default_rng(0))
   for kind, cell in sp.items():
     ev = events[kind]
     assert ev['failed_morphs'] == 0
@@ -114,8 +114,8 @@ def test_prune_and_replace_a_stage():
       assert set(specs[2:]) <= {Conv(5), Conv(3, 2), Conv(3, 1, (1,))}
       assert set(cell.pending[e]) == set(cell.active(e)[2:])
   # the last stage keeps exactly the most probable candidate, morphable or not
-  last = search.prune_and_replace(sp, _probs(sp, [0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]),
-                                  config, 2, np.random.default_rng(0))
+  last = space.prune_and_replace(sp, _probs(sp, [0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]),
+                                 config.search, 2, np.random.default_rng(0))
   assert all(sp['normal'].active(e) == [0] for e in range(14))
   assert last['normal']['created'] == []
 
@@ -133,11 +133,11 @@ def test_derive_on_hand_made_probabilities():
       else:
         p = [0.25, 0.25, 0.25, 0.25]
       probs[kind].append(dict(enumerate(p)))
-  geno = search.derive(sp, probs, max_skip_normal=-1)
+  geno = space.derive(sp, probs, max_skip_normal=-1)
   expected = tuple(e for i in range(4) for e in ((Skip(), 0), (Conv(3), i + 1)))
   assert geno.normal == expected and geno.reduce == expected
   assert geno.normal_concat == (2, 3, 4, 5)
-  limited = search.derive(sp, probs, max_skip_normal=1)
+  limited = space.derive(sp, probs, max_skip_normal=1)
   assert sum(isinstance(s, Skip) for s, _ in limited.normal) == 1
   assert limited.reduce == expected
 

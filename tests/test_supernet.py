@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from prnas_jax import space, steps, supernet
+from prnas_jax import cells, optim, pieces, search_step, space, supernet
+from prnas_jax.config import PROGRAMS
 from prnas_jax.ops import Conv
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-CFG = steps.StepConfig(mean=MEAN, std=STD)
+CFG = search_step.StepConfig(mean=MEAN, std=STD)
 
 
 def _space():
@@ -44,8 +45,8 @@ def tiny():
 
 def test_layout_and_names(tiny):
   _, net, masks, alphas, variables = tiny
-  assert [l.reduction for l in supernet.layouts(8, 16)] == [0, 0, 1, 0, 0, 1, 0, 0]
-  assert [l.channels for l in supernet.layouts(8, 16)] == [16, 16, 32, 32, 32, 64, 64, 64]
+  assert [l.reduction for l in cells.layouts(8, 16)] == [0, 0, 1, 0, 0, 1, 0, 0]
+  assert [l.channels for l in cells.layouts(8, 16)] == [16, 16, 32, 32, 32, 64, 64, 64]
   assert masks['normal'].shape == (14, 4) and masks['reduce'].shape == (14, 4)
   assert masks['normal'][0].tolist() == [True, True, True, False]
   assert masks['reduce'].all()
@@ -75,7 +76,7 @@ def test_masked_columns_get_zero_probability_and_gradient(tiny):
     logits, _ = net.apply({**variables, 'params': params}, x,
                           supernet.edge_weights(alphas, masks), train=True,
                           mutable=['batch_stats'])
-    return steps.cross_entropy(logits, batch['label'])
+    return optim.cross_entropy(logits, batch['label'])
 
   g_alpha, g_params = jax.grad(loss, argnums=(0, 1))(alphas, variables['params'])
   assert g_alpha['normal'][0, 3] == 0.0
@@ -90,10 +91,10 @@ def test_masked_columns_get_zero_probability_and_gradient(tiny):
 def stepped(tiny):
   """Runs the search step (one compiled program) with and without the alpha update."""
   _, net, masks, alphas, variables = tiny
-  state0 = steps.create_state(variables, alphas, CFG)
+  state0 = search_step.create_state(variables, alphas, CFG)
   copy = lambda s: jax.tree.map(jnp.copy, s)
-  update, _ = steps.compile_update_step(state0, _batch(1), net=net, cfg=CFG)
-  run = lambda train_alpha: steps.search_step(update, copy(state0), _batch(1), _batch(2),
+  update, _ = search_step.compile_update_step(state0, _batch(1), net=net, cfg=CFG)
+  run = lambda train_alpha: search_step.search_step(update, copy(state0), _batch(1), _batch(2),
                                               train_alpha, 0.025, 0.0, jax.random.key(3))
   weights_only, m1 = run(False)
   both, m2 = run(True)
@@ -127,20 +128,20 @@ def test_weight_step_sees_the_updated_alphas(stepped):
 
 
 def test_weight_schedule_is_an_epoch_cosine():
-  lrs = [steps.epoch_cosine(0.025, 0.01, 4, e) for e in range(4)]
+  lrs = [optim.epoch_cosine(0.025, 0.01, 4, e) for e in range(4)]
   assert lrs[0] == pytest.approx(0.025) and lrs[2] == pytest.approx(0.0175)
   assert lrs[3] == pytest.approx(0.01 + 0.0075 * (1 + np.cos(3 * np.pi / 4)))
 
 
 def test_step_compiles_once_per_program(tiny, stepped):
   _, net, _, alphas, variables = tiny
-  state = steps.create_state(variables, alphas, CFG)
-  update, seconds = steps.compile_update_step(state, _batch(5), net=net, cfg=CFG)
+  state = search_step.create_state(variables, alphas, CFG)
+  update, seconds = search_step.compile_update_step(state, _batch(5), net=net, cfg=CFG)
   assert seconds == 0.0  # the fixture compiled these programs already
-  jitted = (steps._prepare, steps._edge_weights, steps._piece_forward, steps._pull,
-            steps._add, steps._head_loss, steps._finish)
+  jitted = (search_step._prepare, search_step._edge_weights, pieces.forward_program,
+            pieces.pull, pieces.add, search_step._head_loss, search_step._finish)
   sizes = [f._cache_size() for f in jitted]
-  steps.search_step(update, jax.tree.map(jnp.copy, state), _batch(6), _batch(7), True, 0.01,
+  search_step.search_step(update, jax.tree.map(jnp.copy, state), _batch(6), _batch(7), True, 0.01,
                     0.0, jax.random.key(8))
   assert [f._cache_size() for f in jitted] == sizes  # no piece traced or compiled again
 
@@ -151,48 +152,52 @@ def test_piece_programs_equal_the_whole_program(tiny, stepped):
   evaluation."""
   _, net, _, alphas, variables = tiny
   whole_cfg = dataclasses.replace(CFG, programs='whole')
-  state0 = steps.create_state(jax.tree.map(jnp.copy, variables), jax.tree.map(jnp.copy, alphas),
+  state0 = search_step.create_state(jax.tree.map(jnp.copy, variables), jax.tree.map(jnp.copy, alphas),
                               whole_cfg)
-  update, _ = steps.compile_update_step(state0, _batch(1), net=net, cfg=whole_cfg)
-  expected = steps.search_step(update, state0, _batch(1), _batch(2), True, 0.025, 0.0,
+  update, _ = search_step.compile_update_step(state0, _batch(1), net=net, cfg=whole_cfg)
+  expected = search_step.search_step(update, state0, _batch(1), _batch(2), True, 0.025, 0.0,
                                jax.random.key(3))
   remat = net.clone(remat=True)  # each piece recomputed in its pullback
   got = [(stepped[2], stepped[4])]
   for cfg in (CFG, dataclasses.replace(CFG, programs='candidates')):
-    state0 = steps.create_state(jax.tree.map(jnp.copy, variables),
+    state0 = search_step.create_state(jax.tree.map(jnp.copy, variables),
                                 jax.tree.map(jnp.copy, alphas), cfg)
-    update, _ = steps.compile_update_step(state0, _batch(1), net=remat, cfg=cfg)
-    got.append(steps.search_step(update, state0, _batch(1), _batch(2), True, 0.025, 0.0,
+    update, _ = search_step.compile_update_step(state0, _batch(1), net=remat, cfg=cfg)
+    got.append(search_step.search_step(update, state0, _batch(1), _batch(2), True, 0.025, 0.0,
                                  jax.random.key(3)))
   for result in got:
     assert jax.tree.structure(result) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(result)):
       np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
-  evals = [steps.eval_step(stepped[2], _batch(4), net=net, mean=MEAN, std=STD, programs=p)
-           for p in steps.PROGRAMS]
+  evals = [search_step.eval_step(stepped[2], _batch(4), net=net, mean=MEAN, std=STD, programs=p)
+           for p in PROGRAMS]
   for other in evals[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), evals[0], other)
 
 
 def test_cells_of_one_type_and_width_share_their_programs():
-  pieces = dict(_net(_space()).clone(layers=8).pieces())
-  assert len(pieces) == 1 + 2 * 8 + 1
-  assert pieces['cell3/nodes'] == pieces['cell4/nodes']  # cell 3 follows a reduction, 4 not
-  assert hash(pieces['cell0/nodes']) == hash(pieces['cell1/nodes'])
-  assert pieces['cell3/pre'] != pieces['cell4/pre']
-  assert len(set(m for name, m in pieces.items() if name.endswith('/nodes'))) == 5
+  net = _net(_space()).clone(layers=8)
+  modules = {p.name: p.module for p in net.pieces()}
+  assert len(modules) == 1 + 2 * 8 + 1
+  assert modules['cell3/nodes'] == modules['cell4/nodes']  # cell 3 follows a reduction, 4 not
+  assert hash(modules['cell0/nodes']) == hash(modules['cell1/nodes'])
+  assert modules['cell3/pre'] != modules['cell4/pre']
+  assert len(set(m for name, m in modules.items() if name.endswith('/nodes'))) == 5
   # one Candidate per spec, stride and width over all 8 cells and 14 edges: prdarts4 (4 specs)
   # at C=4, 8, 16 with stride 1, and stride 2 into the two reduction cells
-  candidates = {c for name, m in pieces.items() if name.endswith('/nodes')
-                for node in supernet.node_candidates(m) for *_, c in node}
+  per_candidate = net.pieces(per_candidate=True)
+  # stem, head, per cell its preprocessing and concat, and a piece per candidate of each edge
+  # (six normal cells lack skip on edge 0)
+  assert len(per_candidate) == 2 + 8 * 2 + 6 * (14 * 4 - 1) + 2 * 14 * 4
+  candidates = {p.module for p in per_candidate if isinstance(p.module, supernet.Candidate)}
   assert len(candidates) == 4 * 3 + 4 * 2
 
 
 def test_weight_update_is_sgd_with_momentum(tiny):
   """The weight half equals a hand-written PyTorch-style SGD step on the same gradients."""
   _, net, masks, alphas, variables = tiny
-  state = steps.create_state(variables, alphas, CFG)
-  update, _ = steps.compile_update_step(state, _batch(1), net=net, cfg=CFG)
+  state = search_step.create_state(variables, alphas, CFG)
+  update, _ = search_step.compile_update_step(state, _batch(1), net=net, cfg=CFG)
   before = jax.tree.map(jnp.copy, state.params)
   new, _ = update(jax.tree.map(jnp.copy, state), _batch(1), np.bool_(False), np.float32(0.1),
                   np.float32(0), jax.random.key(4))
@@ -247,7 +252,7 @@ def test_new_candidates_start_fresh_or_from_their_parent(tiny):
 
 def test_eval_step(tiny, stepped):
   _, net, *_ = tiny
-  out = steps.eval_step(stepped[2], _batch(4), net=net, mean=MEAN, std=STD)
+  out = search_step.eval_step(stepped[2], _batch(4), net=net, mean=MEAN, std=STD)
   assert int(out['count']) == 8 and 0 <= int(out['correct']) <= 8
   assert np.isfinite(out['loss_sum'])
 
@@ -293,7 +298,7 @@ def test_remat_keeps_names_values_and_gradients(tiny):
       logits, _ = model.apply({**variables, 'params': params}, x,
                               supernet.edge_weights(alphas, masks), train=True,
                               mutable=['batch_stats'])
-      return steps.cross_entropy(logits, batch['label'])
+      return optim.cross_entropy(logits, batch['label'])
     return jax.value_and_grad(loss, argnums=(0, 1))(alphas, variables['params'])
 
   for a, b in zip(jax.tree.leaves(grads(net)), jax.tree.leaves(grads(remat)), strict=True):

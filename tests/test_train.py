@@ -17,7 +17,7 @@ import pytest
 from prnas_jax import checkpoint, genotype, network, train
 from prnas_jax.config import train_config
 from prnas_jax.ops import Pool, Skip
-from prnas_jax.supernet import CellLayout
+from prnas_jax.cells import CellLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 

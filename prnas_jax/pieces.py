@@ -1,0 +1,105 @@
+"""The piece engine: a network run as a chain of separately compiled pieces
+(``supernet.Piece``) over named values, forward and in reverse (docs/design.md, "Program
+layouts").
+
+XLA's compile time grows faster than the program, and equal pieces (the nodes of the cells of one
+type and width, or one candidate on every edge and cell) share one compiled program. Each piece's
+forward program also returns its ``jax.vjp`` pullback as a pytree, which ``pull`` runs in the
+reverse pass. Every array operation runs inside a program, and each program runs through a
+``call(program, *args, **static)`` hook, so a chain can also be walked with abstract arrays
+(``autobatch``).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prnas_jax.supernet import Piece
+
+
+def call(program, *args, **static):
+  """The default hook: runs ``program``."""
+  return program(*args, **static)
+
+
+def constants(piece: Piece) -> tuple:
+  """The traced constants ``piece.module`` takes after its inputs."""
+  return (np.array(piece.index, np.int32),) if piece.index else ()
+
+
+@functools.partial(jax.jit, static_argnames=('module', 'dropout', 'remat'))
+def forward_program(params, stats, inputs, consts, skip_drop, key, index, *, module,
+                    dropout: bool, remat: bool):
+  """``module`` in training mode on ``inputs`` (dropout key: ``key`` folded with the piece's
+  ``index``): its output, new BatchNorm statistics and the pullback from the output's gradient
+  to those of ``params`` and ``inputs``. With ``remat`` the pullback keeps only the inputs and
+  recomputes the forward pass (on the CPU less memory and a faster step: XLA fuses the
+  recomputation into the backward pass instead of reading stored intermediates)."""
+  extra = {'skip_drop': skip_drop} if dropout else {}
+
+  def fn(params, inputs):
+    out, new = module.apply({'params': params, 'batch_stats': stats}, *inputs, *consts,
+                            train=True, mutable=['batch_stats'],
+                            rngs={'dropout': jax.random.fold_in(key, index)}, **extra)
+    return out, new['batch_stats']
+
+  out, pullback, new_stats = jax.vjp(jax.checkpoint(fn) if remat else fn, params, inputs,
+                                     has_aux=True)
+  return out, new_stats, pullback
+
+
+@functools.partial(jax.jit, static_argnames='module')
+def eval_program(params, stats, inputs, consts, *, module):
+  """``module`` in eval mode on ``inputs``."""
+  return module.apply({'params': params, 'batch_stats': stats}, *inputs, *consts, train=False)
+
+
+@jax.jit
+def pull(pullback, g):
+  return pullback(g)
+
+
+@jax.jit
+def add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def forward(pieces: list[Piece], values: dict, apply, hook=call) -> dict:
+  """Runs ``pieces`` in order. ``values`` maps names to the chain's inputs; each piece reads its
+  ``inputs`` from it and adds its ``outputs`` to it (a value several pieces write is their sum,
+  added in piece order). ``apply(i, piece, inputs)`` runs piece ``i`` and returns its output, a
+  tuple if it has several. A value is dropped after its last reader; returns the rest."""
+  last_read = {name: i for i, piece in enumerate(pieces) for name in piece.inputs}
+  for i, piece in enumerate(pieces):
+    out = apply(i, piece, tuple(values[name] for name in piece.inputs))
+    for name, y in zip(piece.outputs, out if len(piece.outputs) > 1 else (out,)):
+      values[name] = hook(add, values[name], y) if name in values else y
+    for name in set(piece.inputs):
+      if last_read[name] == i:
+        del values[name]
+  return values
+
+
+def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call):
+  """The reverse of ``forward``: ``pullbacks[i]`` maps the gradients of piece ``i``'s outputs to
+  those of its variables and inputs; ``grads`` holds the gradients of the chain's outputs.
+  Returns ``{piece name: variable gradients}`` and ``grads`` with the gradients of the chain's
+  inputs (summed over their readers)."""
+  first_writer = {}
+  for i, piece in enumerate(pieces):
+    for name in piece.outputs:
+      first_writer.setdefault(name, i)
+  variables = {}
+  for i in reversed(range(len(pieces))):
+    piece = pieces[i]
+    g_out = tuple(grads[name] for name in piece.outputs)
+    variables[piece.name], g_in = hook(pull, pullbacks[i], g_out if len(g_out) > 1 else g_out[0])
+    for name in piece.outputs:
+      if first_writer[name] == i:  # every writer of the value has its gradient now
+        del grads[name]
+    for name, g in zip(piece.inputs, g_in):
+      grads[name] = hook(add, grads[name], g) if name in grads else g
+  return variables, grads

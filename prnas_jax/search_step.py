@@ -1,0 +1,287 @@
+"""The search step (first-order DARTS, reference §6): one update of the alphas or the weights,
+as one compiled program (``update_step``) or as a chain of piece programs (``PieceUpdate``,
+docs/design.md, "Program layouts"); the evaluation on the alpha split.
+
+One search step = an alpha update on an alpha-split batch (skipped in the grace epochs), then a
+weight update on a weight-split batch with the updated alphas; both run the same compiled
+update. Batches arrive as uint8 images and are augmented inside jit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from prnas_jax import data, pieces, supernet
+from prnas_jax.config import PROGRAMS
+from prnas_jax.optim import cross_entropy, sgd_tx
+from prnas_jax.supernet import merge, select
+
+
+@flax.struct.dataclass
+class SearchState:
+  params: Any
+  batch_stats: Any
+  alphas: Any
+  w_opt: optax.OptState
+  a_opt: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Hyper-parameters of the search step (hashable: a static argument of the jitted step).
+  The weight learning rate is not among them: it is an argument of each step."""
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  momentum: float = 0.9
+  weight_decay: float = 3e-4
+  clip: float = 5.0
+  alpha_lr: float = 6e-4
+  alpha_b1: float = 0.5
+  alpha_b2: float = 0.999
+  alpha_weight_decay: float = 1e-3
+  alpha_clip: float = 5.0
+  crop_pad: int = 4
+  cutout: int = 0
+  skip_dropout: bool = False  # build the P-DARTS skip dropout (its rate is a step argument)
+  programs: str = 'pieces'  # 'pieces', 'candidates': PieceUpdate; 'whole': update_step
+
+  @classmethod
+  def from_config(cls, search, stage: int, mean, std) -> StepConfig:
+    """The step of stage ``stage`` of the search config ``search`` (``config.search``), for
+    data normalised by ``mean`` and ``std``."""
+    return cls(mean=tuple(mean), std=tuple(std), momentum=search.momentum,
+               weight_decay=search.weight_decay, clip=search.clip, alpha_lr=search.alpha_lr,
+               alpha_b1=search.alpha_b1, alpha_b2=search.alpha_b2,
+               alpha_weight_decay=search.alpha_weight_decay, alpha_clip=search.alpha_clip,
+               cutout=search.cutout, skip_dropout=search.stages.skip_dropout[stage] > 0,
+               programs=search.programs)
+
+  def weight_tx(self) -> optax.GradientTransformation:
+    return sgd_tx(self.clip, self.weight_decay, self.momentum)
+
+  def alpha_tx(self) -> optax.GradientTransformation:
+    """Clip, coupled L2, Adam."""
+    return optax.chain(optax.clip_by_global_norm(self.alpha_clip),
+                       optax.add_decayed_weights(self.alpha_weight_decay),
+                       optax.adam(self.alpha_lr, b1=self.alpha_b1, b2=self.alpha_b2, eps=1e-8))
+
+
+def create_state(variables, alphas, cfg: StepConfig) -> SearchState:
+  return SearchState(variables['params'], variables['batch_stats'], alphas,
+                     cfg.weight_tx().init(variables['params']), cfg.alpha_tx().init(alphas))
+
+
+def _masks(net):
+  return {k: jnp.asarray(m) for k, m in supernet.alpha_masks(net.edge_ops()).items()}
+
+
+def _where(flag, a, b):
+  return jax.tree.map(lambda x, y: jnp.where(flag, x, y), a, b)
+
+
+@functools.partial(jax.jit, static_argnames=('net', 'cfg'), donate_argnames='state')
+def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
+                net: supernet.Supernet, cfg: StepConfig):
+  """One forward/backward pass on ``batch`` that updates either the alphas (Adam) or the
+  weights (SGD with learning rate ``lr``); BatchNorm statistics are updated either way.
+
+  Both gradients come from the same pass, so one compiled program serves the alpha and the
+  weight half of a search step (about half the compile time of two programs; the alpha half
+  also computes the unused weight gradients, as the reference does). ``state`` is donated.
+  """
+  images, k_drop = _augment(key, batch['image'], cfg)
+  masks = _masks(net)
+
+  def loss_fn(params, alphas):
+    logits, new = net.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                            supernet.edge_weights(alphas, masks), train=True,
+                            skip_drop=skip_drop if cfg.skip_dropout else None,
+                            mutable=['batch_stats'], rngs={'dropout': k_drop})
+    return cross_entropy(logits, batch['label']), (new['batch_stats'], logits)
+
+  (loss, (stats, logits)), (g_params, g_alphas) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.alphas)
+  new_state = _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks, cfg)
+  return new_state, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+
+def _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks, cfg):
+  """Adam on the alphas or SGD on the weights, as ``update_alphas`` says; new statistics."""
+  g_alphas = jax.tree.map(lambda g, m: g * m, g_alphas, masks)
+  a_updates, a_opt = cfg.alpha_tx().update(g_alphas, state.a_opt, state.alphas)
+  w_updates, w_opt = cfg.weight_tx().update(g_params, state.w_opt, state.params)
+  params = jax.tree.map(lambda p, u: p - lr * u, state.params, w_updates)
+  return SearchState(
+      params=_where(update_alphas, state.params, params), batch_stats=stats,
+      alphas=_where(update_alphas, optax.apply_updates(state.alphas, a_updates), state.alphas),
+      w_opt=_where(update_alphas, state.w_opt, w_opt),
+      a_opt=_where(update_alphas, a_opt, state.a_opt))
+
+
+def _augment(key, image, cfg: StepConfig):
+  """The augmented, normalised images of one update and its dropout key."""
+  k_aug, k_drop = jax.random.split(key)
+  return data.augment(k_aug, image, cfg.mean, cfg.std, crop_pad=cfg.crop_pad,
+                      cutout=cfg.cutout), k_drop
+
+
+_prepare = jax.jit(_augment, static_argnames='cfg')
+
+
+@functools.partial(jax.jit, static_argnames='net')
+def _edge_weights(alphas, *, net):
+  return supernet.edge_weights(alphas, _masks(net))
+
+
+@functools.partial(jax.jit, static_argnames='module')
+def _head_loss(params, x, labels, *, module):
+  def fn(params, x):
+    logits = module.apply({'params': params}, x)
+    return cross_entropy(logits, labels), logits
+  (loss, logits), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(params, x)
+  return {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}, grads
+
+
+@functools.partial(jax.jit, static_argnames=('net', 'cfg'), donate_argnames='state')
+def _finish(state, g_params, g_weights, stats, update_alphas, lr, *, net, cfg):
+  """The optimizers; ``g_weights`` of a cell type without cells (None) is zero."""
+  masks = _masks(net)
+  g_weights = {k: jnp.zeros_like(a) if g_weights[k] is None else g_weights[k]
+               for k, a in state.alphas.items()}
+  _, pullback = jax.vjp(lambda a: supernet.edge_weights(a, masks), state.alphas)
+  return _apply_gradients(state, g_params, pullback(g_weights)[0], stats, update_alphas, lr,
+                          masks, cfg)
+
+
+class PieceUpdate:
+  """``update_step`` (same arguments and results, within float tolerance) as a chain of
+  compiled programs: augmentation, the supernet's pieces (``Supernet.pieces``: one per stem,
+  cell preprocessing, cell nodes, or with ``cfg.programs == 'candidates'`` one per candidate,
+  shared by every edge and cell with its spec, stride and width), the head with the loss, the
+  pieces' pullbacks in reverse, then the optimizers (``state`` donated)."""
+
+  def __init__(self, net: supernet.Supernet, cfg: StepConfig):
+    self.net, self.cfg = net, cfg
+    *self.body, self.head = net.pieces(per_candidate=cfg.programs == 'candidates')
+
+  def __call__(self, state, batch, update_alphas, lr, skip_drop, key, call=pieces.call):
+    """``call(program, *args, **static)`` runs each program (the default: calls it)."""
+    images, k_drop = call(_prepare, key, batch['image'], cfg=self.cfg)
+    new_stats, pullbacks = [], []
+
+    def apply(i, piece, inputs):
+      out, stats, pullback = call(
+          pieces.forward_program, select(state.params, piece), select(state.batch_stats, piece),
+          inputs, pieces.constants(piece), skip_drop, k_drop, np.int32(i), module=piece.module,
+          dropout=self.cfg.skip_dropout and piece.dropout, remat=self.net.remat)
+      new_stats.append((piece, stats))
+      pullbacks.append(pullback)
+      return out
+
+    weights = call(_edge_weights, state.alphas, net=self.net)
+    values = pieces.forward(self.body, {'images': images} | {
+        f'weights/{k}': w for k, w in weights.items()}, apply, call)
+    (features,) = self.head.inputs
+    metrics, (g_head, g_features) = call(_head_loss, select(state.params, self.head),
+                                         values[features], batch['label'],
+                                         module=self.head.module)
+    grads, g_inputs = pieces.backward(self.body, pullbacks, {features: g_features}, call)
+    by_name = {p.name: p for p in self.body}
+    g_params = merge([(self.head, g_head)] + [(by_name[n], g) for n, g in grads.items()])
+    g_weights = {k: g_inputs.get(f'weights/{k}') for k in state.alphas}
+    new_state = call(_finish, state, g_params, g_weights, merge(new_stats), update_alphas, lr,
+                     net=self.net, cfg=self.cfg)
+    return new_state, metrics
+
+
+_COMPILED = {}
+
+
+def probe_args():
+  """``update_alphas, lr, skip_drop, key`` of the updates that compile or analyse the step."""
+  return np.bool_(True), np.float32(0), np.float32(0), jax.random.key(0)
+
+
+def compile_update_step(state, batch, *, net, cfg):
+  """The update for these shapes and shardings, compiled ahead of time, and the seconds it took
+  (0 when an earlier stage or run in this process compiled the same programs): ``update_step``
+  compiled, or for the other layouts a ``PieceUpdate`` whose programs were compiled
+  by one update of a zero copy of ``state``."""
+  key = (net, cfg, jax.tree.structure(state),
+         tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
+  if key in _COMPILED:
+    return _COMPILED[key], 0.0
+  t0 = time.perf_counter()
+  if cfg.programs != 'whole':
+    update = PieceUpdate(net, cfg)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), state)
+    jax.block_until_ready(update(zeros, batch, *probe_args()))
+  else:
+    update = update_step.lower(state, batch, *probe_args(), net=net, cfg=cfg).compile()
+  _COMPILED[key] = update
+  return update, time.perf_counter() - t0
+
+
+def search_step(update, state, weight_batch, alpha_batch, train_alpha: bool, lr, skip_drop,
+                key):
+  """First-order DARTS: the alpha update on ``alpha_batch`` (unless ``train_alpha`` is false:
+  the grace epochs), then the weight update on ``weight_batch`` with the updated alphas.
+  ``update`` is ``update_step`` or its compiled form. Returns the state and the weight half's
+  metrics, plus ``alpha_loss``."""
+  key_a, key_w = jax.random.split(key)
+  lr, skip_drop = np.float32(lr), np.float32(skip_drop)
+  alpha_loss = jnp.zeros(())
+  if train_alpha:
+    state, m = update(state, alpha_batch, np.bool_(True), lr, skip_drop, key_a)
+    alpha_loss = m['loss']
+  state, m = update(state, weight_batch, np.bool_(False), lr, skip_drop, key_w)
+  return state, {**m, 'alpha_loss': alpha_loss}
+
+
+def eval_step(state: SearchState, batch, *, net: supernet.Supernet, mean, std,
+              programs: str = 'pieces'):
+  """Summed loss, correct count and count of ``batch`` in eval mode, from the compiled programs
+  of ``programs`` (one per supernet piece, per candidate, or one for the whole supernet)."""
+  if programs == 'whole':
+    return _eval_whole(state, batch, net=net, mean=mean, std=std)
+  *body, head = net.pieces(per_candidate=programs == 'candidates')
+
+  def apply(_, piece, inputs):
+    return pieces.eval_program(select(state.params, piece), select(state.batch_stats, piece),
+                               inputs, pieces.constants(piece), module=piece.module)
+
+  weights = _edge_weights(state.alphas, net=net)
+  values = pieces.forward(body, {'images': _normalize(batch['image'], mean=mean, std=std)} | {
+      f'weights/{k}': w for k, w in weights.items()}, apply)
+  return _eval_head(select(state.params, head), values[head.inputs[0]], batch['label'],
+                    module=head.module)
+
+
+@functools.partial(jax.jit, static_argnames=('net', 'mean', 'std'))
+def _eval_whole(state: SearchState, batch, *, net, mean, std):
+  logits = net.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                     data.normalize(batch['image'], mean, std),
+                     supernet.edge_weights(state.alphas, _masks(net)), train=False)
+  return _eval_sums(logits, batch['label'])
+
+
+_normalize = jax.jit(data.normalize, static_argnames=('mean', 'std'))
+
+
+@functools.partial(jax.jit, static_argnames='module')
+def _eval_head(params, x, labels, *, module):
+  return _eval_sums(module.apply({'params': params}, x), labels)
+
+
+def _eval_sums(logits, labels):
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {'loss_sum': losses.sum(), 'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+          'count': jnp.asarray(labels.shape[0])}
