@@ -20,7 +20,6 @@ import numpy as np
 import optax
 
 from prnas_jax import data, pieces, supernet
-from prnas_jax.config import PROGRAMS
 from prnas_jax.optim import cross_entropy, sgd_tx
 from prnas_jax.supernet import merge, select
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prnas_jax import genotype, metrics, report, search, space
+from prnas_jax import genotype, metrics, report, space
 from prnas_jax.config import STAGE_KEYS
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
