@@ -62,10 +62,14 @@ def load_split(data_config, split: str) -> Split:
     raise UserError(f'split {split!r} is unknown: use one of {", ".join(SPLITS)}')
   if name == 'folder':
     return _load_folder(getattr(data_config, 'folder', None), split)
-  try:
-    return _load_tfds(name, split, getattr(data_config, 'tfds_data_dir', None))
-  except NotPrepared as e:
-    return _load_download(name, split, getattr(data_config, 'download', False), e.data_dir)
+  data_dir = _tfds_dir(getattr(data_config, 'tfds_data_dir', None))
+  # Without the data set's folder there is no tfds copy (tfds would log a warning saying so).
+  if '://' in data_dir or os.path.isdir(os.path.join(data_dir, name)):
+    try:
+      return _load_tfds(name, split, data_dir)
+    except NotPrepared:
+      pass
+  return _load_download(name, split, getattr(data_config, 'download', False), data_dir)
 
 
 def num_classes(data_config) -> int:
@@ -212,11 +216,7 @@ def _decode_image(root, rel):
 
 
 class NotPrepared(UserError):
-  """A tfds data set without a prepared copy under ``data_dir``."""
-
-  def __init__(self, message: str, data_dir: str):
-    super().__init__(message)
-    self.data_dir = data_dir
+  """A tfds data set without a prepared copy."""
 
 
 def _tfds_dir(data_dir) -> str:
@@ -245,7 +245,7 @@ def tfds_source(name, split, data_dir):
         f'({reason}): {how} python -c "import '
         f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir}', "
         f"file_format='array_record').download_and_prepare()\" and copy that data dir here, "
-        'or set data.tfds_data_dir', data_dir) from None
+        'or set data.tfds_data_dir') from None
   return source
 
 

@@ -127,6 +127,7 @@ def _cache(tmp_path):
 def test_cifar10_downloaded_once_converted_and_cached(tmp_path, monkeypatch, caplog):
   path, written = _archive(tmp_path / 'server', 'cifar10')
   _serve_files(monkeypatch, path)
+  monkeypatch.setattr(data, '_load_tfds', None)  # no tfds folder: tfds is not asked
   with caplog.at_level(logging.INFO, logger='prnas_jax'):
     train = data.load_split(_config(tmp=tmp_path), 'train')
   _assert_split(train, *written['train'], 10)
@@ -150,6 +151,7 @@ def test_cifar100_reads_the_fine_label(tmp_path, monkeypatch):
 
 def test_a_prepared_tfds_copy_is_used_first(tmp_path, monkeypatch):
   monkeypatch.setattr(cifar, 'prepare', None)  # would fail if called
+  (tmp_path / 'tfds' / 'cifar10').mkdir(parents=True)  # mock_data fakes the copy's content
   with tfds.testing.mock_data(num_examples=4):
     s = data.load_split(_config(tmp=tmp_path), 'train')
   assert s.images.shape == (4, 32, 32, 3) and s.num_classes == 10
@@ -242,6 +244,8 @@ def test_no_download_when_switched_off(tmp_path, monkeypatch):
                  f'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz) into {folder}/, or '
                  'use --config.data.dataset=folder --config.data.folder=ROOT with the images in '
                  'ROOT/<split>/<class>/*.jpg')
+  (tmp_path / 'tfds' / 'cifar10').mkdir(parents=True)  # a tfds folder, but nothing prepared
+  assert _one_line_error(data.load_split, _config(download=False, tmp=tmp_path), 'train') == msg
   path, written = _archive(folder, 'cifar10')  # the archive copied by hand is used
   _official(monkeypatch, path)
   _assert_split(data.load_split(_config(download=False, tmp=tmp_path), 'test'),
