@@ -33,6 +33,7 @@ def data_config() -> ml_collections.ConfigDict:
       dataset='cifar10',  # cifar10 | cifar100 | folder
       folder='',  # ROOT of ROOT/<split>/<class>/*.jpg|png when dataset='folder'
       tfds_data_dir='',  # '' = the tfds default
+      download=True,  # cifar10/100 without a prepared tfds copy: fetch the official archive
       train_portion=0.5,  # first part trains the weights, the rest the alphas
       max_train=0,  # use a class-balanced subset of this many training images (0 = all)
   ))

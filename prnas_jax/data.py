@@ -1,8 +1,9 @@
 """Data sets held in memory as uint8, and augmentation that runs inside the jitted step.
 
 Sources (docs/design.md, Data): CIFAR-10/100 through a prepared tensorflow-datasets copy (read with
-``tfds.data_source``, no TensorFlow needed), or a folder laid out ``ROOT/<split>/<class>/*.jpg``.
-A split is decoded once and cached as an ``.npz`` (never pickled); later runs load the cache.
+``tfds.data_source``, no TensorFlow needed) or, without one, the official archive downloaded and
+converted by ``cifar.py``; or a folder laid out ``ROOT/<split>/<class>/*.jpg``. A split is decoded
+once and cached as an ``.npz`` (never pickled); later runs load the cache.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import files
+from prnas_jax import cifar, files
 from prnas_jax.errors import UserError
 
 DATASETS = ('cifar10', 'cifar100', 'folder')
@@ -32,6 +33,7 @@ MEAN_STD = {
 }
 
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet2012': 1000}
+IMAGENET_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')  # tfds' manual_dir
 
 _CACHE_VERSION = 1  # bump when the cached layout or the example order changes
 _CACHE_DIRNAME = '.prnas_cache'
@@ -60,7 +62,14 @@ def load_split(data_config, split: str) -> Split:
     raise UserError(f'split {split!r} is unknown: use one of {", ".join(SPLITS)}')
   if name == 'folder':
     return _load_folder(getattr(data_config, 'folder', None), split)
-  return _load_tfds(name, split, getattr(data_config, 'tfds_data_dir', None))
+  data_dir = _tfds_dir(getattr(data_config, 'tfds_data_dir', None))
+  # Without the data set's folder there is no tfds copy (tfds would log a warning saying so).
+  if '://' in data_dir or os.path.isdir(os.path.join(data_dir, name)):
+    try:
+      return _load_tfds(name, split, data_dir)
+    except NotPrepared:
+      pass
+  return _load_download(name, split, getattr(data_config, 'download', False), data_dir)
 
 
 def num_classes(data_config) -> int:
@@ -206,6 +215,10 @@ def _decode_image(root, rel):
                     'replace or delete the file') from None
 
 
+class NotPrepared(UserError):
+  """A tfds data set without a prepared copy."""
+
+
 def _tfds_dir(data_dir) -> str:
   from tensorflow_datasets.core import constants
   data_dir = os.fspath(data_dir) if data_dir else constants.get_default_data_dir()
@@ -224,13 +237,40 @@ def tfds_source(name, split, data_dir):
                               builder_kwargs={'file_format': 'array_record'})
   except (KeyError, ValueError, NotImplementedError, FileNotFoundError) as e:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(
+    how = (f'put {" and ".join(IMAGENET_FILES)} (from https://image-net.org/download-images) '
+           f'into {data_dir}/downloads/manual/, then with tensorflow run'
+           if name == 'imagenet2012' else 'on a machine with internet and tensorflow run')
+    raise NotPrepared(
         f'tfds data set {name} ({split}) is not prepared in array_record format under {data_dir} '
-        f'({reason}): on a machine with internet and tensorflow run python -c "import '
+        f'({reason}): {how} python -c "import '
         f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir}', "
         f"file_format='array_record').download_and_prepare()\" and copy that data dir here, "
         'or set data.tfds_data_dir') from None
   return source
+
+
+def _load_download(name, split, download, tfds_dir):
+  """``name`` from its official archive (cifar.py), downloaded and converted once into the
+  user cache; one process of a machine at a time prepares it."""
+  folder = user_cache_dir() / 'downloads'
+  dirs = [user_cache_dir() / 'cifar']
+  fname = lambda s: f'{name}-{s}-v{_CACHE_VERSION}.npz'
+  cached = _read_cache(dirs, fname(split))
+  if cached is not None:
+    return cached
+  if not download and not (folder / cifar.ARCHIVES[name].filename).exists():
+    raise UserError(f'{name} has no prepared tfds copy under {tfds_dir} and data.download is '
+                    f'False: pass --config.data.download=True, '
+                    f'{cifar.ways_out(name, folder)}')
+  with files.lock(folder / f'.{name}.lock'):
+    cached = _read_cache(dirs, fname(split))  # another process may have prepared it meanwhile
+    if cached is not None:
+      return cached
+    splits = {s: Split(images, labels, NUM_CLASSES[name])
+              for s, (images, labels) in cifar.prepare(name, folder).items()}
+    for s, out in splits.items():
+      _write_cache(dirs, fname(s), out, stale_prefix=f'{name}-{s}-')
+  return splits[split]
 
 
 def _load_tfds(name, split, data_dir):

@@ -1,7 +1,9 @@
-"""Atomic file writes: a run never leaves a half-written result behind."""
+"""Atomic file writes (a run never leaves a half-written result behind) and a lock between
+the processes of one machine."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -35,3 +37,14 @@ def write_json(path, obj) -> None:
     return
   with atomic_open(path) as f:
     json.dump(obj, f, indent=1)
+
+
+@contextlib.contextmanager
+def lock(path):
+  """Holds an exclusive lock on the file ``path`` (created if missing): the processes of one
+  machine that download or convert the same data set take turns."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+    yield

@@ -220,11 +220,15 @@ def draw_run(workdir, out_dir=None, fmt: str = 'png') -> list[Path]:
   return paths
 
 
-def main(workdir: str, out: str | None, fmt: str) -> None:
-  for path in draw_run(workdir, out, fmt):
-    print(path)
+def main() -> None:
+  """``prnas-report WORKDIR`` and ``python -m prnas_jax.report WORKDIR``."""
+  out, fmt = cli.picture_flags('Folder for the pictures (default: WORKDIR).')
+
+  def draw(workdir):
+    for path in draw_run(workdir, out.value, fmt.value):
+      print(path)
+  cli.run(draw, args=('WORKDIR',))
 
 
 if __name__ == '__main__':
-  _OUT, _FORMAT = cli.picture_flags('Folder for the pictures (default: WORKDIR).')
-  cli.run(lambda workdir: main(workdir, _OUT.value, _FORMAT.value), args=('WORKDIR',))
+  main()

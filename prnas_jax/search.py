@@ -361,6 +361,11 @@ def run(config, workdir, overwrite: bool = False) -> genotype.Genotype:
   return Search(config, workdir).run()
 
 
+def main() -> None:
+  """``prnas-search`` and ``python -m prnas_jax.search``."""
+  values = cli.run_flags('Search config file.', 'configs/tiny.py')
+  cli.run(lambda: run(*values()))
+
+
 if __name__ == '__main__':
-  _FLAGS = cli.run_flags('Search config file.', 'configs/tiny.py')
-  cli.run(lambda: run(*_FLAGS()))
+  main()

@@ -217,13 +217,19 @@ def count_params(config) -> int:
   return network.param_count(network.variable_shapes(net, shape)['params'])
 
 
-def main(config, workdir, overwrite) -> None:
-  if config.epochs == 0:
-    print(f'params: {count_params(config)}')
-  else:
-    run(config, workdir, overwrite)
+def main() -> None:
+  """``prnas-train`` and ``python -m prnas_jax.train``: retraining, or with ``epochs=0`` the
+  parameter count."""
+  values = cli.run_flags('Training config file.', 'configs/train_cifar.py')
+
+  def start():
+    config, workdir, overwrite = values(need_workdir=lambda config: config.epochs > 0)
+    if config.epochs == 0:
+      print(f'params: {count_params(config)}')
+    else:
+      run(config, workdir, overwrite)
+  cli.run(start)
 
 
 if __name__ == '__main__':
-  _FLAGS = cli.run_flags('Training config file.', 'configs/train_cifar.py')
-  cli.run(lambda: main(*_FLAGS(need_workdir=lambda config: config.epochs > 0)))
+  main()

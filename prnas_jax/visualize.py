@@ -165,14 +165,18 @@ def draw_cells(geno: Genotype, out_dir: Path, fmt: str = 'png', prefix: str = 'c
                         Path(out_dir) / f'{prefix}_{cell}.{fmt}') for cell in genotype.CELLS]
 
 
-def main(name: str, out: str, fmt: str) -> None:
-  geno = genotype.load(name)
-  registry = {n.lower(): n for n in genotype.REGISTRY}
-  stem = registry.get(name.lower(), Path(name).stem)
-  for path in draw_cells(geno, Path(out), fmt, prefix=stem, name=stem):
-    print(path)
+def main() -> None:
+  """``prnas-visualize GENOTYPE`` and ``python -m prnas_jax.visualize GENOTYPE``."""
+  out, fmt = cli.picture_flags('Folder for the pictures.', default_out='.')
+
+  def draw(name):
+    geno = genotype.load(name)
+    registry = {n.lower(): n for n in genotype.REGISTRY}
+    stem = registry.get(name.lower(), Path(name).stem)
+    for path in draw_cells(geno, Path(out.value), fmt.value, prefix=stem, name=stem):
+      print(path)
+  cli.run(draw, args=('GENOTYPE',))
 
 
 if __name__ == '__main__':
-  _OUT, _FORMAT = cli.picture_flags('Folder for the pictures.', default_out='.')
-  cli.run(lambda name: main(name, _OUT.value, _FORMAT.value), args=('GENOTYPE',))
+  main()

@@ -2,7 +2,7 @@
 # The paper's searches on CIFAR-10 (reference §7.1): DL1 and DL2 (darts_like, seeds 0 and 1),
 # DR (r_depth), UR (unrestricted); 9 stages, 100 epochs each. One after another; pass a subset
 # of names to run fewer, and extra --config.* overrides after "--".
-#   scripts/search_paper.sh                          # all four, CIFAR-10 through tfds
+#   scripts/search_paper.sh                          # all four, CIFAR-10 as downloaded or tfds
 #   DATA="--config.data.dataset=folder --config.data.folder=/data/cifar10" scripts/search_paper.sh dl2
 # Outputs: runs/search-<name>/ (genotype.json, stages/, report.png, tb/). Rerun to resume.
 set -euo pipefail

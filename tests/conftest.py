@@ -1,6 +1,6 @@
 """Test-wide settings: CPU only, full-precision float32 matmuls, and XLA's fast-compile mode
-(compile time dominates tiny test networks; tests that need fast steps turn it back on), and a
-check that a written picture is plausible."""
+(compile time dominates tiny test networks; tests that need fast steps turn it back on), no
+downloads, and a check that a written picture is plausible."""
 import os
 import subprocess
 from pathlib import Path
@@ -12,8 +12,19 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from prnas_jax import cifar  # noqa: E402
+
 jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_disable_most_optimizations', True)
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch):
+  """No test reaches the network: the CIFAR download refuses every URL (tests that serve an
+  archive of their own replace it)."""
+  def refuse(request, timeout):
+    raise AssertionError(f'a test tried to download {request.full_url}')
+  monkeypatch.setattr(cifar, 'urlopen', refuse)
 
 
 @pytest.fixture

@@ -161,6 +161,7 @@ def test_mean_std(tmp_path):
 
 def test_tfds_mock_load_and_cache(tmp_path, monkeypatch):
   config = _config(dataset='cifar10', tfds_data_dir=str(tmp_path))
+  (tmp_path / 'cifar10').mkdir()  # where a prepared copy would be; mock_data fakes its content
   with tfds.testing.mock_data(num_examples=6):
     s = data.load_split(config, 'train')
     assert s.images.shape == (6, 32, 32, 3) and s.images.dtype == np.uint8
@@ -174,14 +175,15 @@ def test_tfds_mock_load_and_cache(tmp_path, monkeypatch):
 
 
 def test_tfds_mock_cifar100(tmp_path):
+  (tmp_path / 'cifar100').mkdir()
   with tfds.testing.mock_data(num_examples=3):
     s = data.load_split(_config(dataset='cifar100', tfds_data_dir=str(tmp_path)), 'test')
   assert s.images.shape == (3, 32, 32, 3) and s.num_classes == 100
 
 
 def test_tfds_not_prepared(tmp_path):
-  msg = _one_line_error(data.load_split, _config(dataset='cifar10', tfds_data_dir=str(tmp_path)),
-                        'train', match='not prepared')
+  # load_split then turns to the download (test_cifar.py); the ImageNet stream says this.
+  msg = _one_line_error(data.tfds_source, 'cifar10', 'train', str(tmp_path), match='not prepared')
   assert 'download_and_prepare' in msg and str(tmp_path) in msg
 
 

@@ -2,19 +2,23 @@
 shows (``DIR`` stands for the test's temporary folder, ``...`` for any text). Entry-point rows run
 ``python -m prnas_jax.search`` and check that the error is its only ``error:`` line."""
 import contextlib
+import dataclasses
 import errno
+import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import urllib.error
 from pathlib import Path
 
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from prnas_jax import autobatch, checkpoint, data, genotype, ops, parallel, search
+from prnas_jax import autobatch, checkpoint, cifar, data, genotype, ops, parallel, search
 from prnas_jax.config import search_config, validate
 from prnas_jax.errors import UserError
 
@@ -28,9 +32,11 @@ def _private_user_cache(tmp_path, monkeypatch):
 
 
 def _search(tmp, *overrides, config=('--config', 'configs/tiny.py')):
-  """The last stderr line of a failing search run with ``overrides`` of configs/tiny.py."""
+  """The last stderr line of a failing search run with ``overrides`` of configs/tiny.py (and
+  no download)."""
+  offline = ['--config.data.download=false'] if config else []
   cmd = [sys.executable, '-m', 'prnas_jax.search', *config, '--workdir', str(tmp / 'run'),
-         *overrides]
+         *offline, *overrides]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XDG_CACHE_HOME': str(tmp / 'xdg')}
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   lines = out.stderr.strip().splitlines()
@@ -65,6 +71,40 @@ def _load_folder(root, mkdir='', broken=''):
   cfg = search_config().data
   cfg.dataset, cfg.folder = 'folder', str(root)
   return _raises(data.load_split, cfg, 'train')
+
+
+class _Served(io.BytesIO):
+  """A download's response (without a Content-Range header)."""
+  headers = {}
+
+
+class _Stalled(_Served):
+  """A download whose first read times out."""
+
+  def read(self, n=-1):
+    raise TimeoutError('The read operation timed out')
+
+
+def _cifar10(tmp, opener=None, placed=b'', size=None):
+  """``load_split`` of cifar10 without a tfds copy, downloading through ``opener`` (request ->
+  response), after placing the bytes ``placed`` (if any) where the archive goes; ``size``
+  replaces the official archive's size."""
+  cfg = search_config().data
+  cfg.tfds_data_dir = str(tmp / 'tfds')
+  if placed:
+    path = data.user_cache_dir() / 'downloads' / 'cifar-10-binary.tar.gz'
+    path.parent.mkdir(parents=True)
+    path.write_bytes(placed)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(cifar, 'urlopen', lambda request, timeout: opener(request))
+    if size:
+      patch.setitem(cifar.ARCHIVES, 'cifar10', dataclasses.replace(
+          cifar.ARCHIVES['cifar10'], size=size))
+    return _raises(data.load_split, cfg, 'train')
+
+
+def _offline(request):
+  raise urllib.error.URLError(socket.gaierror(-2, 'Name or service not known'))
 
 
 def _genotype(tmp, edit):
@@ -174,8 +214,16 @@ ROWS = {
     'class folders without images': lambda t: _load_folder(t, mkdir='train/a'),
     'mixed image sizes': lambda t: _load_folder(_images(t, [(8, 8), (8, 8), (9, 8), (8, 8)])),
     'unreadable image': lambda t: _load_folder(_images(t), broken='train/a/broken.png'),
-    'tfds data not prepared (offline)': lambda t: _search(
+    'CIFAR neither prepared nor downloaded, download off': lambda t: _search(
         t, f'--config.data.tfds_data_dir={t}/tfds'),
+    'CIFAR download without internet': lambda t: _cifar10(t, _offline),
+    'CIFAR download interrupted': lambda t: _cifar10(t, lambda request: _Stalled()),
+    'CIFAR download not the official archive': lambda t: _cifar10(
+        t, lambda request: _Served(b'<html>' * 1000), size=6000),
+    'CIFAR archive copied by hand is not the official one': lambda t: _cifar10(
+        t, placed=b'\x1f\x8b not really the archive'),
+    'ImageNet not prepared': lambda t: _raises(data.tfds_source, 'imagenet2012', 'train',
+                                               f'{t}/tfds'),
     'batch larger than the split': lambda t: _search(
         t, '--config.data.dataset=folder', f'--config.data.folder={_images(t / "ds")}'),
     'NaN or inf loss': _diverge,

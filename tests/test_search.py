@@ -213,19 +213,20 @@ def test_tiny_search_stage_records(tiny_runs):
 
 
 def test_a_workdir_of_another_run_is_refused(tmp_path):
-  config = _load('tiny')  # cifar10 from tfds: not prepared here, so a run stops at the data
-  with pytest.raises(UserError, match='tfds data set cifar10'):
+  config = _load('tiny')  # cifar10, neither prepared nor downloaded here: a run stops at the data
+  config.data.download = False
+  with pytest.raises(UserError, match='cifar10 has no prepared tfds copy'):
     search.run(config, tmp_path)
-  with pytest.raises(UserError, match='tfds data set cifar10'):  # same config: not refused
+  with pytest.raises(UserError, match='cifar10 has no prepared tfds copy'):  # same: not refused
     search.run(config, tmp_path)
   other = _load('tiny')
-  other.search.batch_size = 16
+  other.search.batch_size, other.data.download = 16, False
   with pytest.raises(UserError) as info:
     search.run(other, tmp_path)
   assert str(info.value) == (f'{tmp_path} holds a different run (config differs in '
                              'search.batch_size): use a new --workdir, or pass --overwrite to '
                              'replace it')
-  with pytest.raises(UserError, match='tfds data set cifar10'):
+  with pytest.raises(UserError, match='cifar10 has no prepared tfds copy'):
     search.run(other, tmp_path, overwrite=True)
   assert json.loads((tmp_path / 'config.json').read_text())['search']['batch_size'] == 16
 

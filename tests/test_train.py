@@ -34,6 +34,13 @@ def test_registry_parameter_counts(name, millions):
   assert round(train.count_params(config) / 1e6, 1) == millions
 
 
+def test_quick_start_config_builds():
+  config = _config('train_tiny')  # the README's retraining of the tiny search's genotype
+  assert config.genotype == 'runs/tiny/genotype.json'
+  config.genotype = 'DL2'
+  assert train.count_params(config) == 73306
+
+
 def test_auxiliary_head_is_left_out_of_the_count():
   net = network.Network(genotype.load('DARTS_V2'), layers=5, channels=8)
   shapes = network.variable_shapes(net, (32, 32, 3))['params']
