@@ -8,8 +8,10 @@ import os
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from prnas_jax import pieces, search_step
+from prnas_jax import parallel, pieces, search_step
 from prnas_jax.errors import UserError
 
 
@@ -39,6 +41,22 @@ def fit_batch_size(memory_at: Callable[[int], int], limit: int, multiple: int, c
   per_example = max(memory_at(2 * multiple) - small, 1) / multiple
   fits = multiple + int((limit - small) / per_example) // multiple * multiple
   return max(multiple, min(fits, top))
+
+
+def search_batch(state, net, cfg, image_shape, cap: int, fraction: float) -> tuple[int, int]:
+  """The largest global batch, a multiple of 8 and of the device count up to ``cap``, whose
+  search update (``net``, ``cfg``, images of ``image_shape``) fits ``fraction`` of a device, and
+  that limit in bytes."""
+  sharding = parallel.batch_sharded()
+
+  def memory_at(b):
+    batch = {'image': jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8, sharding=sharding),
+             'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding)}
+    return update_memory(state, batch, net=net, cfg=cfg)
+
+  limit = int(fraction * device_memory())
+  multiple = int(np.lcm(8, jax.device_count()))
+  return int(fit_batch_size(memory_at, limit, multiple, cap)), limit
 
 
 def update_memory(state, batch, *, net, cfg) -> int:

@@ -147,19 +147,9 @@ class Search:
     s = self.config.search
     if s.batch_size:
       return s.batch_size
-    multiple = np.lcm(8, jax.device_count())
-    sharding = parallel.batch_sharded()
-    cfg = self.step_config(i)
-
-    def memory_at(b):
-      batch = {'image': jax.ShapeDtypeStruct((b, *self.splits.image_shape), jnp.uint8,
-                                             sharding=sharding),
-               'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding)}
-      return autobatch.update_memory(state, batch, net=net, cfg=cfg)
-
-    limit = int(s.memory_fraction * autobatch.device_memory())
     cap = min(s.max_batch_size, self.split_size * jax.process_count())
-    b = int(autobatch.fit_batch_size(memory_at, limit, int(multiple), cap))
+    b, limit = autobatch.search_batch(state, net, self.step_config(i), self.splits.image_shape,
+                                      cap, s.memory_fraction)
     log.info(f'stage {i}: batch {b}, the largest up to {cap} within {limit / 2**30:.1f} GiB '
              f'({s.memory_fraction:.0%} of a device) by XLA\'s memory analysis')
     return b
