@@ -22,7 +22,8 @@ from prnas_jax.errors import UserError
 
 DATASETS = ('cifar10', 'cifar100', 'folder')
 SPLITS = ('train', 'test')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+_SUFFIX_LIST = ', '.join(f'*{s}' for s in IMAGE_SUFFIXES)
 
 # Reference §6 (torchvision ToTensor units, [0, 1]).
 MEAN_STD = {
@@ -33,7 +34,7 @@ MEAN_STD = {
 
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet2012': 1000}
 
-_CACHE_VERSION = 1  # bump when the cached layout or the example order changes
+_CACHE_VERSION = 2  # bump when the cached layout or the example order changes
 _CACHE_DIRNAME = '.prnas_cache'
 
 
@@ -61,6 +62,23 @@ def load_split(data_config, split: str) -> Split:
   if name == 'folder':
     return _load_folder(getattr(data_config, 'folder', None), split)
   return _load_tfds(name, split, getattr(data_config, 'tfds_data_dir', None))
+
+
+def check_source(data_config, splits) -> tuple[tuple[int | None, ...], int]:
+  """The checks of a data source that decode at most one image: a folder's layout (at least two
+  classes) or a prepared tfds data set, for each of ``splits`` (tfds names). Returns the images'
+  shape (tfds: ``None`` for sizes that vary) and the class count."""
+  name = getattr(data_config, 'dataset', None)
+  if name == 'folder':
+    listings = [_list_folder(getattr(data_config, 'folder', None), split) for split in splits]
+    root, classes, files = listings[0]
+    return _decode_image(root, files[0][0]).shape, len(classes)
+  if name not in NUM_CLASSES:
+    raise UserError(f'data.dataset {name!r} is unknown: use one of {", ".join(DATASETS)}')
+  sources = [tfds_source(name, split, getattr(data_config, 'tfds_data_dir', None))
+             for split in splits]
+  features = sources[0].dataset_info.features
+  return tuple(features['image'].shape), int(features['label'].num_classes)
 
 
 def num_classes(data_config) -> int:
@@ -137,7 +155,10 @@ def _list_folder(folder, split):
           st = e.stat()
           files.append((f'{split}/{c}/{e.name}', label_of[c], st.st_size, st.st_mtime_ns))
   if not files:
-    raise UserError(f'{split_dir} has no images: put *.jpg, *.jpeg or *.png files in '
+    raise UserError(f'{split_dir} has no images: put {_SUFFIX_LIST} files in {split_dir}/<class>/')
+  if split == 'train' and len(used := {f[1] for f in files}) < 2:
+    raise UserError(f'{split_dir} has images of {len(used)} class ({classes[used.pop()]}): a '
+                    'classifier needs at least two, put each class in its own folder '
                     f'{split_dir}/<class>/')
   files.sort(key=lambda f: (_example_order(f[0]), f[0]))
   return root, classes, files
@@ -196,14 +217,33 @@ def _decode_folder(root, rels):
 
 
 def _decode_image(root, rel):
-  from PIL import Image
+  from PIL import Image, ImageOps
   try:
     with Image.open(root / rel) as im:
-      return np.asarray(im.convert('RGB'), dtype=np.uint8)
+      return _rgb8(ImageOps.exif_transpose(im), root / rel)
+  except UserError:
+    raise
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise UserError(f'cannot read image {root / rel} ({type(e).__name__}: '
                     f'{str(e).splitlines()[0] if str(e) else "unreadable"}): '
                     'replace or delete the file') from None
+
+
+_SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+_NO_RANGE = {'I': '32-bit integers', 'F': 'floats', 'LAB': 'CIELAB'}
+
+
+def _rgb8(im, path) -> np.ndarray:
+  """``im`` as uint8 RGB: 16-bit grey (PNG, TIFF) keeps its top 8 bits (PIL's own conversion
+  clips it to 255); modes without a fixed range or without a conversion to RGB are refused."""
+  if im.mode in _SIXTEEN_BIT or (im.mode == 'I' and im.format == 'PNG'):
+    grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  if im.mode in _NO_RANGE:
+    raise UserError(f'cannot read image {path}: its pixels are {_NO_RANGE[im.mode]} (mode '
+                    f'{im.mode}), which have no fixed conversion to 8-bit RGB: save it as 8-bit '
+                    'RGB or grey')
+  return np.asarray(im.convert('RGB'), dtype=np.uint8)
 
 
 def _tfds_dir(data_dir) -> str:
