@@ -221,7 +221,8 @@ def draw_run(workdir, out_dir=None, fmt: str = 'png') -> list[Path]:
 
 
 def main(workdir: str, out: str | None, fmt: str) -> None:
-  for path in draw_run(workdir, out, fmt):
+  cli.check_folder(workdir, 'WORKDIR')
+  for path in draw_run(workdir, out and cli.check_folder(out, '--out'), fmt):
     print(path)
 
 

@@ -166,10 +166,11 @@ def draw_cells(geno: Genotype, out_dir: Path, fmt: str = 'png', prefix: str = 'c
 
 
 def main(name: str, out: str, fmt: str) -> None:
+  out = cli.check_folder(out, '--out')
   geno = genotype.load(name)
   registry = {n.lower(): n for n in genotype.REGISTRY}
   stem = registry.get(name.lower(), Path(name).stem)
-  for path in draw_cells(geno, Path(out), fmt, prefix=stem, name=stem):
+  for path in draw_cells(geno, out, fmt, prefix=stem, name=stem):
     print(path)
 
 
