@@ -184,8 +184,9 @@ def claim_workdir(workdir: Path, config, overwrite: bool, outputs=()) -> None:
   except OSError as e:
     raise UserError(f'cannot create --workdir {workdir} ({e.strerror or e}): pass a folder you '
                     'can write') from None
-  if (overwrite or not checkpoint.recorded_config(workdir / 'checkpoints')[0]) and \
-      parallel.is_main_process():
+  replace = overwrite or not checkpoint.recorded_config(workdir / 'checkpoints')[0]
+  parallel.barrier('claim_workdir: every process has looked')
+  if replace and parallel.is_main_process():
     for name in outputs:
       target = workdir / name
       if target.is_dir():

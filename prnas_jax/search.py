@@ -7,7 +7,7 @@ optimizers, then prunes every edge by softmax(alpha) and morphs survivors into n
 The last stage derives the genotype. Everything a run writes lands in its workdir.
 
 A checkpoint is written at every stage's start and after every epoch; rerunning the same command
-resumes from the newest one and ends exactly where an uninterrupted run would.
+resumes from the newest intact one and ends exactly where an uninterrupted run would.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 retrains a genotype from scratch (reference §8) and reports the final and best test accuracy.
 
 A checkpoint is written after every epoch; rerunning the same command resumes from the newest
-one and ends exactly where an uninterrupted run would. ``--config.epochs=0`` only builds the
+intact one and ends exactly where an uninterrupted run would. ``--config.epochs=0`` only builds the
 network and prints ``params: N`` (without the auxiliary head, as the papers count).
 """
 from __future__ import annotations

@@ -229,6 +229,14 @@ def _on_devices(n, fn, *args):
     return _raises(fn, *args)
 
 
+def _bad_stage_record(tmp):
+  """``report`` of a workdir whose stage 0 has started and whose stage record is cut short."""
+  (tmp / 'stages').mkdir()
+  (tmp / 'stages' / 'stage0.json').write_text('{"stage": 0,')
+  (tmp / 'scalars.jsonl').write_text('{"step": 0, "stage/epochs": 1}\n')
+  return _raises(report.main, tmp, None, 'png')
+
+
 def _too_wide(tmp):
   """A conv 99999 times as wide as its cell, on a device of 1 GiB."""
   config = _train_config(tmp, _replace('normal', 0, ['conv(k=3,d=1,mul=[99999])', 0]), layers=3)
@@ -318,6 +326,7 @@ ROWS = {
     'bad genotype and bad data in train': lambda t: _raises(train.run, _bad_train(t), t / 'run'),
     'visualize --out that is a file': lambda t: _raises(visualize.main, 'DL2', _a_file(t), 'png'),
     'report of a file': lambda t: _raises(report.main, _a_file(t), None, 'png'),
+    'stage record that is not JSON': _bad_stage_record,
 }
 
 

@@ -104,6 +104,9 @@ def test_command_line(tmp_path, check_picture):
 
 
 def test_bad_workdirs_are_one_line(tmp_path):
+  (_fake_search(tmp_path / 'run') / 'stages' / 'stage1.json').write_text('{"stage": 1,')
+  with pytest.raises(UserError, match=r'stage1.json is not a stage record \(Expecting'):
+    report.draw_run(tmp_path / 'run')
   with pytest.raises(UserError, match='has no scalars.jsonl: pass the --workdir of a search'):
     report.Logs(tmp_path)
   (tmp_path / 'scalars.jsonl').write_text('')
