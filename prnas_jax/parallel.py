@@ -32,9 +32,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   Arguments left ``None`` are detected by JAX on SLURM, Cloud TPU, Kubernetes and Open MPI (and
   the coordinator from ``JAX_COORDINATOR_ADDRESS``). On CPU the processes talk through gloo.
 
-  Says on stderr what it waits for. JAX aborts with a stack dump when the run has not formed in
-  its ``initialization_timeout``; a watchdog ends the process with one line ``timeout`` seconds
-  before that."""
+  Says on stderr what it waits for. A run that has not formed after ``timeout`` seconds ends the
+  process with one line (a watchdog: JAX, given twice as long, would abort with a stack dump)."""
   what = (f'process {"?" if process_id is None else process_id} of '
           f'{"?" if num_processes is None else num_processes}, coordinator '
           f'{coordinator or "from the cluster"}')
