@@ -21,7 +21,7 @@ from prnas_jax.metrics import log
 
 urlopen = urllib.request.urlopen  # the only way out to the network (tests replace it)
 TIMEOUT_S = 15  # for connecting and for every read: a machine without internet fails at once
-_SIDE = 32
+SIDE = 32
 _CHUNK = 1 << 20
 _MIB = float(1 << 20)
 
@@ -94,11 +94,11 @@ def read(path: Path, archive: Archive) -> dict[str, tuple[np.ndarray, np.ndarray
     for member in tar:
       if member.name in wanted:
         raw[member.name] = tar.extractfile(member).read()
-  record = archive.label_bytes + 3 * _SIDE * _SIDE
+  record = archive.label_bytes + 3 * SIDE * SIDE
   out = {}
   for split, members in archive.members.items():
     rows = np.frombuffer(b''.join(raw[m] for m in members), np.uint8).reshape(-1, record)
-    images = rows[:, archive.label_bytes:].reshape(-1, 3, _SIDE, _SIDE).transpose(0, 2, 3, 1)
+    images = rows[:, archive.label_bytes:].reshape(-1, 3, SIDE, SIDE).transpose(0, 2, 3, 1)
     out[split] = (np.ascontiguousarray(images), rows[:, archive.label_index].astype(np.int32))
   return out
 

@@ -1,6 +1,7 @@
 """Entry-point plumbing shared by ``search``, ``train``, ``visualize`` and ``report``: flags
-parsed with one-line errors for bad overrides, positional arguments counted, UserErrors reported
-as one line instead of a traceback, the workdir claim, and joining a multi-process run."""
+parsed with one-line errors for bad overrides and config files, positional arguments counted,
+UserErrors reported as one line instead of a traceback, output folders checked, the workdir
+claim, and joining a multi-process run."""
 from __future__ import annotations
 
 import json
@@ -8,40 +9,65 @@ import os
 import re
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 from flax import traverse_util
 
-from prnas_jax import data, parallel
+from prnas_jax import checkpoint, data, parallel
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
 from prnas_jax.pictures import FORMATS
 
 
 def _parse_flags(argv):
-  _check_config_files(argv)
+  path = _config_file(argv)
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
-    text = str(e)
+  except Exception as e:  # a config file may raise anything
+    sys.exit(f'error: {_flag_error(e, path, argv)}')
+
+
+def _flag_error(e: Exception, path: str | None, argv) -> str:
+  """The line for an exception of flag parsing: a config file that fails to load, lacks
+  ``get_config`` or raises in it; an override of an unknown key; a value of the wrong type."""
+  text = e.msg if isinstance(e, SyntaxError) else str(e)
+  if path and (line := _line_in(e, path)):
+    return (f'config file {path!r} fails at line {line} ({type(e).__name__}'
+            f'{": " + text.splitlines()[0] if text else ""}): fix the file')
+  if "has no attribute 'get_config'" in text:
+    return (f'config file {path!r} has no get_config(): define get_config() that returns the '
+            'config, as configs/tiny.py does')
+  if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override of an unknown key
     bad = re.search(r'instead of "(\w+)"', text) or re.search(r'(\w+)', text)
     hint = re.search(r'Did you mean "(\w+)"', text)
     where = [a for a in argv if bad and f'.{bad.group(1)}=' in a]
-    sys.exit(f'error: unknown config key {bad.group(1) if bad else text!r}'
-             f'{" in " + where[0] if where else ""}: '
-             f'{"did you mean " + hint.group(1) + "?" if hint else "check the config file"}')
-  except flags.IllegalFlagValueError as e:
-    sys.exit(f'error: {_bad_value(str(e))}')
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
+    return (f'unknown config key {bad.group(1) if bad else text!r}'
+            f'{" in " + where[0] if where else ""}: '
+            f'{"did you mean " + hint.group(1) + "?" if hint else "check the config file"}')
+  if isinstance(e, flags.IllegalFlagValueError):
+    return _bad_value(text)
+  if isinstance(e, flags.Error):
+    return text
+  raise e
 
 
-def _check_config_files(argv) -> None:
-  """Exits with one line if ``--config`` names no file (ml_collections would defer the failure to
-  the first use of the config, as a traceback)."""
+def _line_in(e: Exception, path: str) -> int | None:
+  """The line of the config file ``path`` where ``e`` was raised (the innermost), or None."""
+  if isinstance(e, SyntaxError) and e.filename and os.path.samefile(e.filename, path):
+    return e.lineno
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if os.path.exists(f.filename) and os.path.samefile(f.filename, path)]
+  return lines[-1] if lines else None
+
+
+def _config_file(argv) -> str | None:
+  """The file ``--config`` names; exits with one line if there is none (ml_collections would
+  defer the failure to the first use of the config, as a traceback)."""
   for flag, value in zip(argv, argv[1:] + ['']):
     if flag.startswith('--config='):
       value = flag.split('=', 1)[1]
@@ -51,6 +77,8 @@ def _check_config_files(argv) -> None:
     if not os.path.isfile(path):
       sys.exit(f'error: config file {path!r} does not exist: pass a config file, e.g. '
                '--config configs/tiny.py')
+    return path
+  return None
 
 
 _KINDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false', 'tuple': 'a tuple'}
@@ -79,7 +107,7 @@ def run(main, args: tuple[str, ...] = ()) -> None:
   ``args`` names the positional arguments (e.g. ``('WORKDIR',)``); ``main`` gets them in order.
   """
   def guarded(argv):
-    logging.set_verbosity(logging.WARNING)  # orbax logs a dozen INFO lines per checkpoint
+    logging.set_verbosity(logging.ERROR)  # orbax: INFO lines per checkpoint; tfds: WARNINGs
     given = argv[1:]
     if len(given) != len(args):
       want = ' '.join(args) or 'no arguments'
@@ -100,31 +128,72 @@ def use_compile_cache(enabled: bool) -> None:
     jax.config.update('jax_compilation_cache_dir', str(data.user_cache_dir() / 'xla'))
 
 
-def claim_workdir(workdir: Path, config, overwrite: bool, outputs=()) -> None:
-  """Records ``config`` in ``workdir/config.json``. A workdir holding the same config is a run to
-  resume; one holding a different config is refused, unless ``overwrite``, which first removes
-  the old run's ``outputs`` (names inside ``workdir``: checkpoints, logs)."""
-  path = workdir / 'config.json'
-  new = json.loads(json.dumps(config.to_dict()))
-  try:
-    old = json.loads(path.read_text()) if path.exists() else new
-  except (OSError, ValueError):
-    old = None
-  if old != new and not overwrite:
-    flat_old = traverse_util.flatten_dict(old, sep='.') if isinstance(old, dict) else {}
+def check_folder(path, name: str) -> Path:
+  """``path`` (the value of ``name``, e.g. ``--workdir``) as a Path; a one-line UserError if it or
+  a folder above it is a file."""
+  path = Path(path)
+  for p in (path, *path.parents):
+    if p.exists() and not p.is_dir():
+      where = 'is a file' if p == path else f'lies under the file {p}'
+      raise UserError(f'{name} {path} {where}: pass a folder')
+  return path
+
+
+def plain(config) -> dict:
+  """``config`` as the JSON object ``config.json`` and the checkpoints record."""
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def check_claim(workdir: Path, config, overwrite: bool) -> None:
+  """Refuses ``workdir`` (one line) if it holds a different run, unless ``overwrite``. A checkpoint
+  makes a workdir a run (a start that failed before its first one left nothing to keep); the
+  config its checkpoints record is the run's, ``config.json`` a copy for reading, used only where
+  the checkpoints (written before the config was recorded) lack it."""
+  if overwrite:
+    return
+  held, recorded = checkpoint.recorded_config(workdir / 'checkpoints')
+  if not held:
+    return
+  new, path, source = plain(config), workdir / 'config.json', 'the config its checkpoints record'
+  if recorded is None:
+    if not path.is_file():
+      raise UserError(f'{path} is missing and the checkpoints in {workdir} do not record their '
+                      'config: restore config.json, use a new --workdir, or pass --overwrite to '
+                      'replace the run')
+    try:
+      recorded, source = json.loads(path.read_text()), 'its config.json'
+    except (OSError, ValueError) as e:
+      raise UserError(f'{path} is not valid JSON ({e}) and the checkpoints in {workdir} do not '
+                      'record their config: undo the edit, use a new --workdir, or pass '
+                      '--overwrite to replace the run') from None
+  if recorded != new:
+    flat_old = traverse_util.flatten_dict(recorded, sep='.') if isinstance(recorded, dict) else {}
     flat_new = traverse_util.flatten_dict(new, sep='.')
     diff = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
-    raise UserError(f'{workdir} holds a different run (config differs in {", ".join(diff[:3])}'
-                    f'{", ..." if len(diff) > 3 else ""}): use a new --workdir, or pass '
-                    '--overwrite to replace it')
-  if overwrite and parallel.is_main_process():
+    raise UserError(f'{workdir} holds a different run ({source} differs in '
+                    f'{", ".join(diff[:3])}{", ..." if len(diff) > 3 else ""}): use a new '
+                    '--workdir, or pass --overwrite to replace it')
+
+
+def claim_workdir(workdir: Path, config, overwrite: bool, outputs=()) -> None:
+  """After ``check_claim`` and every other check: removes the ``outputs`` (names inside
+  ``workdir``: checkpoints, logs) of the run it replaces with ``overwrite``, or left by a start
+  that never wrote a checkpoint, and records ``config`` in ``workdir/config.json``."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create --workdir {workdir} ({e.strerror or e}): pass a folder you '
+                    'can write') from None
+  replace = overwrite or not checkpoint.recorded_config(workdir / 'checkpoints')[0]
+  parallel.barrier('claim_workdir: every process has looked')
+  if replace and parallel.is_main_process():
     for name in outputs:
       target = workdir / name
       if target.is_dir():
         shutil.rmtree(target)
       else:
         target.unlink(missing_ok=True)
-  write_json(path, new)
+  write_json(workdir / 'config.json', plain(config))
   parallel.barrier('claim_workdir')
 
 
@@ -144,15 +213,20 @@ def run_flags(config_help: str, example: str):
                                        '--distributed).')
   process_id = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1 '
                                     '(implies --distributed).')
+  join_timeout = flags.DEFINE_integer('join_timeout', 300, 'Seconds to wait for every process '
+                                      'of a multi-process run to join.', lower_bound=1)
 
   def values(need_workdir=lambda config: True):
     if config.value is None:
       raise UserError(f'--config is required: pass a config file, e.g. --config {example}')
+    if not isinstance(config.value, ml_collections.ConfigDict):
+      raise UserError(f'get_config() of the config file gives {type(config.value).__name__}, '
+                      f'not a ConfigDict: return the config, as {example} does')
     if need_workdir(config.value) and not workdir.value:
       raise UserError('--workdir is required: pass --workdir DIR')
     given = (coordinator.value, num_processes.value, process_id.value)
     if distributed.value or any(v is not None for v in given):
-      parallel.initialize(*given)
+      parallel.initialize(*given, timeout=join_timeout.value)
     return config.value, workdir.value, overwrite.value
   return values
 

@@ -8,6 +8,8 @@ in one place: ``search_step.StepConfig.from_config``, ``train_step.TrainConfig.f
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from prnas_jax.errors import UserError
@@ -81,8 +83,32 @@ def search_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _check_common(config, section: str, example: str, other: str) -> None:
+  """The checks of both kinds of config: ``section`` is there (``other`` says where a config of
+  the other kind goes), ``seed`` is an integer >= 0 and every number finite."""
+  if section not in config:
+    raise UserError(f'the config has no {section} section: pass one like --config {example} '
+                    f'({other})')
+  if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+    raise UserError(f'seed = {config.seed!r}: use an integer >= 0')
+  for key, value in _leaves(config.to_dict()):
+    if any(isinstance(v, float) and not math.isfinite(v)
+           for v in (value if isinstance(value, (list, tuple)) else [value])):
+      raise UserError(f'{key} = {value}: give a finite number')
+
+
+def _leaves(tree: dict, prefix: str = ''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
 def validate(config) -> None:
   """Raises a one-line UserError for the first problem in ``config``."""
+  _check_common(config, 'search', 'configs/tiny.py',
+                'a retraining config goes to python -m prnas_jax.train')
   s = config.search
   stages = s.stages
   for key in STAGE_KEYS:
@@ -178,6 +204,8 @@ def train_config() -> ml_collections.ConfigDict:
 
 def validate_train(config) -> None:
   """Raises a one-line UserError for the first problem in a retraining ``config``."""
+  _check_common(config, 'model', 'configs/train_cifar.py',
+                'a search config goes to python -m prnas_jax.search')
   m = config.model
   if m.stem not in ('cifar', 'imagenet'):
     raise UserError(f"model.stem {m.stem!r} is unknown: use 'cifar' or 'imagenet'")

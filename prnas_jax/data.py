@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import os
 import zipfile
@@ -23,7 +24,8 @@ from prnas_jax.errors import UserError
 
 DATASETS = ('cifar10', 'cifar100', 'folder')
 SPLITS = ('train', 'test')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+_SUFFIX_LIST = ', '.join(f'*{s}' for s in IMAGE_SUFFIXES)
 
 # Reference §6 (torchvision ToTensor units, [0, 1]).
 MEAN_STD = {
@@ -35,7 +37,7 @@ MEAN_STD = {
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet2012': 1000}
 IMAGENET_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')  # tfds' manual_dir
 
-_CACHE_VERSION = 1  # bump when the cached layout or the example order changes
+_CACHE_VERSION = 2  # bump when the cached layout or the example order changes
 _CACHE_DIRNAME = '.prnas_cache'
 
 
@@ -63,13 +65,31 @@ def load_split(data_config, split: str) -> Split:
   if name == 'folder':
     return _load_folder(getattr(data_config, 'folder', None), split)
   data_dir = _tfds_dir(getattr(data_config, 'tfds_data_dir', None))
-  # Without the data set's folder there is no tfds copy (tfds would log a warning saying so).
-  if '://' in data_dir or os.path.isdir(os.path.join(data_dir, name)):
-    try:
-      return _load_tfds(name, split, data_dir)
-    except NotPrepared:
-      pass
+  if (source := _tfds_copy(name, split, data_dir)) is not None:
+    return _load_tfds(source, split, data_dir)
   return _load_download(name, split, getattr(data_config, 'download', False), data_dir)
+
+
+def check_source(data_config, splits) -> tuple[tuple[int | None, ...], int]:
+  """The checks of a data source that decode at most one image: a folder's layout (at least two
+  classes), a prepared tfds data set, or a CIFAR archive that is cached, at hand or may be
+  downloaded, for each of ``splits`` (tfds names). Returns the images' shape (tfds: ``None`` for
+  sizes that vary) and the class count."""
+  name = getattr(data_config, 'dataset', None)
+  if name == 'folder':
+    listings = [_list_folder(getattr(data_config, 'folder', None), split) for split in splits]
+    root, classes, files = listings[0]
+    return _decode_image(root, files[0][0]).shape, len(classes)
+  if name not in NUM_CLASSES:
+    raise UserError(f'data.dataset {name!r} is unknown: use one of {", ".join(DATASETS)}')
+  data_dir = _tfds_dir(getattr(data_config, 'tfds_data_dir', None))
+  sources = [_tfds_copy(name, split, data_dir) for split in splits]
+  if None in sources:
+    if not all((user_cache_dir() / 'cifar' / _cifar_cache(name, s)).exists() for s in splits):
+      _check_archive(name, getattr(data_config, 'download', False), data_dir)
+    return (cifar.SIDE, cifar.SIDE, 3), NUM_CLASSES[name]
+  features = sources[0].dataset_info.features
+  return tuple(features['image'].shape), int(features['label'].num_classes)
 
 
 def num_classes(data_config) -> int:
@@ -146,7 +166,10 @@ def _list_folder(folder, split):
           st = e.stat()
           files.append((f'{split}/{c}/{e.name}', label_of[c], st.st_size, st.st_mtime_ns))
   if not files:
-    raise UserError(f'{split_dir} has no images: put *.jpg, *.jpeg or *.png files in '
+    raise UserError(f'{split_dir} has no images: put {_SUFFIX_LIST} files in {split_dir}/<class>/')
+  if split == 'train' and len(used := {f[1] for f in files}) < 2:
+    raise UserError(f'{split_dir} has images of {len(used)} class ({classes[used.pop()]}): a '
+                    'classifier needs at least two, put each class in its own folder '
                     f'{split_dir}/<class>/')
   files.sort(key=lambda f: (_example_order(f[0]), f[0]))
   return root, classes, files
@@ -205,14 +228,33 @@ def _decode_folder(root, rels):
 
 
 def _decode_image(root, rel):
-  from PIL import Image
+  from PIL import Image, ImageOps
   try:
     with Image.open(root / rel) as im:
-      return np.asarray(im.convert('RGB'), dtype=np.uint8)
+      return _rgb8(ImageOps.exif_transpose(im), root / rel)
+  except UserError:
+    raise
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise UserError(f'cannot read image {root / rel} ({type(e).__name__}: '
                     f'{str(e).splitlines()[0] if str(e) else "unreadable"}): '
                     'replace or delete the file') from None
+
+
+_SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+_NO_RANGE = {'I': '32-bit integers', 'F': 'floats', 'LAB': 'CIELAB'}
+
+
+def _rgb8(im, path) -> np.ndarray:
+  """``im`` as uint8 RGB: 16-bit grey (PNG, TIFF) keeps its top 8 bits (PIL's own conversion
+  clips it to 255); modes without a fixed range or without a conversion to RGB are refused."""
+  if im.mode in _SIXTEEN_BIT or (im.mode == 'I' and im.format == 'PNG'):
+    grey = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  if im.mode in _NO_RANGE:
+    raise UserError(f'cannot read image {path}: its pixels are {_NO_RANGE[im.mode]} (mode '
+                    f'{im.mode}), which have no fixed conversion to 8-bit RGB: save it as 8-bit '
+                    'RGB or grey')
+  return np.asarray(im.convert('RGB'), dtype=np.uint8)
 
 
 class NotPrepared(UserError):
@@ -249,19 +291,44 @@ def tfds_source(name, split, data_dir):
   return source
 
 
+def _tfds_copy(name, split, data_dir):
+  """The prepared tfds source of ``name``, or None where there is none and the official archive
+  stands in (CIFAR)."""
+  downloadable = name in cifar.ARCHIVES
+  # Without the data set's folder there is no tfds copy (tfds would log a warning saying so).
+  if downloadable and '://' not in data_dir and not os.path.isdir(os.path.join(data_dir, name)):
+    return None
+  try:
+    return tfds_source(name, split, data_dir)
+  except NotPrepared:
+    if downloadable:
+      return None
+    raise
+
+
+def _cifar_cache(name, split) -> str:
+  return f'{name}-{split}-v{_CACHE_VERSION}.npz'
+
+
+def _check_archive(name, download, tfds_dir) -> None:
+  """One line if ``name``'s archive may not be downloaded and was not copied by hand."""
+  folder = user_cache_dir() / 'downloads'
+  if not download and not (folder / cifar.ARCHIVES[name].filename).exists():
+    raise UserError(f'{name} has no prepared tfds copy under {tfds_dir} and data.download is '
+                    f'False: pass --config.data.download=True, '
+                    f'{cifar.ways_out(name, folder)}')
+
+
 def _load_download(name, split, download, tfds_dir):
   """``name`` from its official archive (cifar.py), downloaded and converted once into the
   user cache; one process of a machine at a time prepares it."""
   folder = user_cache_dir() / 'downloads'
   dirs = [user_cache_dir() / 'cifar']
-  fname = lambda s: f'{name}-{s}-v{_CACHE_VERSION}.npz'
+  fname = functools.partial(_cifar_cache, name)
   cached = _read_cache(dirs, fname(split))
   if cached is not None:
     return cached
-  if not download and not (folder / cifar.ARCHIVES[name].filename).exists():
-    raise UserError(f'{name} has no prepared tfds copy under {tfds_dir} and data.download is '
-                    f'False: pass --config.data.download=True, '
-                    f'{cifar.ways_out(name, folder)}')
+  _check_archive(name, download, tfds_dir)
   with files.lock(folder / f'.{name}.lock'):
     cached = _read_cache(dirs, fname(split))  # another process may have prepared it meanwhile
     if cached is not None:
@@ -273,9 +340,7 @@ def _load_download(name, split, download, tfds_dir):
   return splits[split]
 
 
-def _load_tfds(name, split, data_dir):
-  data_dir = _tfds_dir(data_dir)
-  source = tfds_source(name, split, data_dir)
+def _load_tfds(source, split, data_dir):
   info = source.dataset_info
   key = hashlib.sha256(f'v{_CACHE_VERSION}\n{info.full_name}\n{split}\n{len(source)}\n'.encode())
   for rel, size, mtime in _dir_listing(info.data_dir):

@@ -207,6 +207,24 @@ def _reference_spec(name, kwargs):
   return ops.parse(name)
 
 
+def span(spec: Spec) -> int:
+  """The pixels ``spec``'s window spans along each axis: ``d*(k-1)+1`` for a conv."""
+  if isinstance(spec, Conv):
+    return spec.d * (spec.k - 1) + 1
+  return spec.k if isinstance(spec, (Pool, FacConv)) else 1
+
+
+def check_fits(genotype: Genotype, size: int, source: str) -> None:
+  """A one-line UserError for an op of ``genotype`` (named ``source``) whose window spans more
+  than ``size``, the side of the largest feature map its cells see: it would see only padding."""
+  for cell in CELLS:
+    for n, (spec, _) in enumerate(getattr(genotype, cell)):
+      if span(spec) > size:
+        raise UserError(f'{source}: {cell} entry {n} {spec} spans {span(spec)} pixels, more than '
+                        f'the {size}x{size} feature maps its cells see: use a kernel whose extent '
+                        f'd*(k-1)+1 is at most {size}')
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 

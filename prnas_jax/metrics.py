@@ -67,14 +67,17 @@ class Writer:
 
 
 def read_scalars(workdir: Path) -> list[dict]:
-  """The records of ``scalars.jsonl`` (a torn last line is skipped)."""
+  """The records of ``scalars.jsonl``; a torn last line and lines that are not a record (a JSON
+  object with a step) are skipped."""
   out = []
   with open(Path(workdir) / 'scalars.jsonl', encoding='utf-8') as f:
     for line in f:
       try:
-        out.append(json.loads(line))
+        record = json.loads(line)
       except json.JSONDecodeError:
         continue
+      if isinstance(record, dict) and 'step' in record:
+        out.append(record)
   return out
 
 

@@ -209,6 +209,13 @@ def unit_widths(spec: Conv, channels: int) -> list[int]:
 DW_FORMS = ('grouped', 'dense', 'shift')
 
 
+def check_dw_form(form: str, key: str) -> None:
+  """A one-line UserError unless ``form`` (config key ``key``) is a depthwise form or ''."""
+  if form and form not in DW_FORMS:
+    raise UserError(f"{key} = {form!r} is unknown: use one of {', '.join(DW_FORMS)}, or '' for "
+                    "the backend's default")
+
+
 def default_dw_form() -> str:
   """XLA:CPU's grouped convolution is slow (docs/design.md, "Depthwise convolution and
   pooling"): shifted slices there (the 8-cell ``mid`` search step 8.0 s against 8.8 s

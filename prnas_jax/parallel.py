@@ -12,6 +12,10 @@ scalars, pictures and result files; checkpoints are written by all (orbax coordi
 """
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -23,16 +27,38 @@ AXIS = 'data'
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, timeout: int = 300) -> None:
   """Connects this process to the others of a multi-process run before JAX starts its backend.
   Arguments left ``None`` are detected by JAX on SLURM, Cloud TPU, Kubernetes and Open MPI (and
-  the coordinator from ``JAX_COORDINATOR_ADDRESS``). On CPU the processes talk through gloo."""
+  the coordinator from ``JAX_COORDINATOR_ADDRESS``). On CPU the processes talk through gloo.
+
+  Says on stderr what it waits for. A run that has not formed after ``timeout`` seconds ends the
+  process with one line (a watchdog: JAX, given twice as long, would abort with a stack dump)."""
+  what = (f'process {"?" if process_id is None else process_id} of '
+          f'{"?" if num_processes is None else num_processes}, coordinator '
+          f'{coordinator or "from the cluster"}')
+  print(f'joining a multi-process run as {what} (up to {timeout} s)', file=sys.stderr,
+        flush=True)
+  watchdog = threading.Timer(timeout, _give_up, (what, timeout))
+  watchdog.daemon = True
+  watchdog.start()
   try:
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    jax.distributed.initialize(coordinator, num_processes, process_id,
+                               initialization_timeout=2 * timeout + 10)
   except ValueError as e:  # nothing detected for what was left unset
     raise UserError(f'cannot join a multi-process run ({e}): outside SLURM, Cloud TPU, '
                     'Kubernetes and Open MPI pass --coordinator HOST:PORT --num_processes N '
                     '--process_id I') from e
+  finally:
+    watchdog.cancel()
+
+
+def _give_up(what: str, timeout: int) -> None:
+  sys.stderr.write(f'error: the multi-process run did not form within {timeout} s ({what}): '
+                   'start every process with the same --coordinator (process 0 serves it) and '
+                   '--num_processes, or wait longer with --join_timeout\n')
+  sys.stderr.flush()
+  os._exit(1)
 
 
 def is_main_process() -> bool:

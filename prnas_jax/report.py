@@ -134,8 +134,16 @@ def draw_progress(logs: Logs, title: str = ''):
 
 
 def _stage_records(workdir: Path) -> list[dict]:
-  paths = sorted(Path(workdir).glob('stages/stage*.json'), key=lambda p: int(p.stem[5:]))
-  return [json.loads(p.read_text()) for p in paths]
+  paths = sorted((p for p in Path(workdir).glob('stages/stage*.json') if p.stem[5:].isdigit()),
+                 key=lambda p: int(p.stem[5:]))
+  records = []
+  for path in paths:
+    try:
+      records.append(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+      raise UserError(f'{path} is not a stage record ({e}): restore it, or move stages/ away to '
+                      'draw the progress alone') from None
+  return records
 
 
 def _lineage(records: list[dict], kind: str):
@@ -225,7 +233,8 @@ def main() -> None:
   out, fmt = cli.picture_flags('Folder for the pictures (default: WORKDIR).')
 
   def draw(workdir):
-    for path in draw_run(workdir, out.value, fmt.value):
+    cli.check_folder(workdir, 'WORKDIR')
+    for path in draw_run(workdir, out.value and cli.check_folder(out.value, '--out'), fmt.value):
       print(path)
   cli.run(draw, args=('WORKDIR',))
 

@@ -7,7 +7,7 @@ optimizers, then prunes every edge by softmax(alpha) and morphs survivors into n
 The last stage derives the genotype. Everything a run writes lands in its workdir.
 
 A checkpoint is written at every stage's start and after every epoch; rerunning the same command
-resumes from the newest one and ends exactly where an uninterrupted run would.
+resumes from the newest intact one and ends exactly where an uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -87,11 +87,8 @@ class Search:
   every epoch (see ``checkpoint_step``); a new ``Search`` in the same workdir continues from the
   newest one exactly as the uninterrupted run would."""
 
-  def __init__(self, config, workdir: Path):
-    self.config, self.workdir = config, workdir
-    if config.search.batch_size:
-      parallel.check_batch(config.search.batch_size, 'search.batch_size')
-    self.splits = load_data(config)
+  def __init__(self, config, workdir: Path, splits: Splits):
+    self.config, self.workdir, self.splits = config, workdir, splits
     self.batch_sizes = {}  # stage -> global batch size
     self.space = space.initial_space(config.search.start)
     self.key = jax.random.key(config.seed)
@@ -99,7 +96,7 @@ class Search:
     self.batch_rng = np.random.default_rng([config.seed, 1])
     self.epoch = 0  # global epoch counter (TensorBoard x axis)
     self.checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints',
-                                              config.search.checkpoints_kept)
+                                              config.search.checkpoints_kept, cli.plain(config))
 
   def run(self) -> genotype.Genotype:
     epochs = self.config.search.stages.epochs
@@ -207,29 +204,33 @@ class Search:
                           record)
 
   def resume(self):
-    """Restores the newest checkpoint, if any (space, random states, epoch counter; scalars.jsonl
-    cut back to what was written then) and returns its ``(stage, epoch, net, state, timing)``."""
-    step = self.checkpoints.latest()
-    if step is None:
+    """Restores the newest intact checkpoint, if any (space, random states, epoch counter;
+    scalars.jsonl cut back to what was written then) and returns its ``(stage, epoch, net, state,
+    timing)``."""
+    found = self.checkpoints.restore_newest(self.template)
+    if found is None:
       return None
-    record = self.checkpoints.record(step)
+    step, tree, record = found
     i, e = record['stage'], record['epoch']
     self.batch_sizes[i] = record['batch_size']
-    self.space = {kind: space.CellSpace.from_json(obj) for kind, obj in record['space'].items()}
     self.morph_rng, self.batch_rng = _generator(record['morph_rng']), _generator(
         record['batch_rng'])
     self.epoch = sum(self.config.search.stages.epochs[:i]) + e
-    net = self.supernet(i)
-    template = jax.eval_shape(lambda k: {
-        'state': self.new_state(i, net, supernet.init_variables(net, k, self.splits.image_shape),
-                                k),
-        'key': jax.random.key_data(k)}, self.key)
-    tree, _ = self.checkpoints.restore(step, template)
     self.key = jax.random.wrap_key_data(tree['key'])
     metrics.truncate_scalars(self.workdir, record['scalars_lines'])
     log.info(f'resuming from checkpoint {step} (stage {i}, epoch {e})')
-    return i, e, net, parallel.replicate(tree['state']), {k: record[k] for k in ('compile_s',
-                                                                              'train_s')}
+    return i, e, self.supernet(i), parallel.replicate(tree['state']), {
+        k: record[k] for k in ('compile_s', 'train_s')}
+
+  def template(self, record: dict) -> dict:
+    """The abstract state a checkpoint with ``record`` restores into; takes over its space."""
+    self.space = {kind: space.CellSpace.from_json(obj) for kind, obj in record['space'].items()}
+    i = record['stage']
+    net = self.supernet(i)
+    return jax.eval_shape(lambda k: {
+        'state': self.new_state(i, net, supernet.init_variables(net, k, self.splits.image_shape),
+                                k),
+        'key': jax.random.key_data(k)}, self.key)
 
   def train_stage(self, i: int, net, state, first: int, timing: dict):
     """Epochs ``first..`` of stage ``i``, a checkpoint after each; returns the trained state.
@@ -326,29 +327,53 @@ class Search:
                f'{len(ev["created"])}, failed morphs {ev["failed_morphs"]}')
 
 
+OUTPUTS = ('checkpoints', 'scalars.jsonl', 'tb', 'stages', 'genotype.json', 'genotype_darts.json')
+
+
 def check(config) -> None:
-  """Raises a one-line UserError for the first problem of a search ``config``: its values, then
-  the names it looks up (start set, morph preset)."""
+  """Raises a one-line UserError for the first problem of a search ``config``: its values, the
+  names it looks up (start set, morph preset, depthwise form), and stages that keep more
+  candidates than an edge holds."""
   validate(config)
-  ops.start_set(config.search.start)
-  morph.get_preset(config.search.preset)
+  s = config.search
+  morph.get_preset(s.preset)
+  ops.check_dw_form(s.dw_form, 'search.dw_form')
+  held = len(ops.start_set(s.start))
+  for i, (keep, new) in enumerate(zip(s.stages.keep, s.stages.new)):
+    if keep > held + new:
+      raise UserError(f'search.stages.keep[{i}] = {keep} is more than an edge holds in stage '
+                      f'{i} ({held} candidates + {new} new): use at most {held + new}')
+    held = keep
+
+
+def preflight(config, workdir, overwrite: bool) -> Path:
+  """Every check that decodes no data (one image at most), first to last: the config, the
+  workdir's path and the run it holds, the data source. Returns the workdir."""
+  check(config)
+  if config.search.batch_size:
+    parallel.check_batch(config.search.batch_size, 'search.batch_size')
+  workdir = cli.check_folder(workdir, '--workdir')
+  cli.check_claim(workdir, config, overwrite)
+  data.check_source(config.data, ('train',))
+  return workdir
 
 
 def run(config, workdir, overwrite: bool = False) -> genotype.Genotype:
   """Checks ``config`` and runs the search into ``workdir`` (refused if ``workdir`` holds a
-  different run, unless ``overwrite``)."""
-  check(config)
+  different run, unless ``overwrite``; nothing there is touched before the data is loaded)."""
+  workdir = preflight(config, workdir, overwrite)
   cli.use_compile_cache(config.compile_cache)
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  cli.claim_workdir(workdir, config, overwrite, outputs=(
-      'checkpoints', 'scalars.jsonl', 'tb', 'stages', 'genotype.json', 'genotype_darts.json'))
-  metrics.setup_logging(workdir)
-  if geno := finished(config, workdir):
+  if not overwrite and (geno := finished(config, workdir)):
+    cli.claim_workdir(workdir, config, overwrite, OUTPUTS)  # restores a lost config.json
+    metrics.setup_logging(workdir)
     log.info(f'the search in {workdir} has finished: genotype: {genotype.dumps(geno)}')
     return geno
-  log.info(f'search into {workdir} on {jax.default_backend()}:\n{config}')
-  return Search(config, workdir).run()
+  splits = load_data(config)
+  cli.claim_workdir(workdir, config, overwrite, OUTPUTS)
+  metrics.setup_logging(workdir)
+  log.info(f'search into {workdir} on {jax.default_backend()} (the config is in '
+           f'{workdir / "config.json"})')
+  return Search(config, workdir, splits).run()
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 retrains a genotype from scratch (reference §8) and reports the final and best test accuracy.
 
 A checkpoint is written after every epoch; rerunning the same command resumes from the newest
-one and ends exactly where an uninterrupted run would. ``--config.epochs=0`` only builds the
+intact one and ends exactly where an uninterrupted run would. ``--config.epochs=0`` only builds the
 network and prints ``params: N`` (without the auxiliary head, as the papers count).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import (checkpoint, cli, data, genotype, imagenet, loop, metrics, network, optim,
-                       parallel, train_step)
+from prnas_jax import (autobatch, checkpoint, cli, data, genotype, imagenet, loop, metrics,
+                       network, ops, optim, parallel, train_step)
 from prnas_jax.config import validate_train
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -37,12 +37,26 @@ def learning_rate(config, epoch: int) -> float:
   return lr
 
 
-def build_network(config, num_classes: int) -> network.Network:
+def build_network(config, num_classes: int, image_shape) -> network.Network:
+  """``config``'s network for images of ``image_shape``; a one-line UserError for a genotype op
+  that spans more than the largest feature map (compiling it would take minutes) or weights
+  whose training state cannot fit a device."""
   m = config.model
-  return network.Network(genotype.load(config.genotype), layers=m.layers,
-                         channels=m.init_channels, num_classes=num_classes,
-                         auxiliary=m.auxiliary, stem=m.stem, dw_form=m.dw_form or None,
-                         remat=m.remat)
+  geno = genotype.load(config.genotype)
+  genotype.check_fits(geno, max(image_shape[:2]) // (1 if m.stem == 'cifar' else 8),
+                      config.genotype)
+  net = network.Network(geno, layers=m.layers, channels=m.init_channels, num_classes=num_classes,
+                        auxiliary=m.auxiliary, stem=m.stem, dw_form=m.dw_form or None,
+                        remat=m.remat)
+  shapes = network.variable_shapes(net, image_shape)['params']
+  need = 3 * 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  if need > autobatch.device_memory():  # float32 weights, gradients and momentum
+    raise UserError(f'the network of {config.genotype} has '
+                    f'{network.param_count(shapes) / 1e6:,.0f} million parameters; training '
+                    f'them needs {need / 2**30:.0f} GiB, more than a device holds '
+                    f'({autobatch.device_memory() / 2**30:.0f} GiB): use narrower convs (mul) '
+                    'in the genotype or a smaller model.init_channels')
+  return net
 
 
 class InMemory:
@@ -76,19 +90,16 @@ class Training:
   def __init__(self, config, workdir: Path, train, test, mean_std):
     self.config, self.workdir, self.train, self.test = config, workdir, train, test
     self.mean, self.std = (tuple(map(float, v)) for v in mean_std)
-    if len(train) < config.batch_size:
-      raise UserError(f'batch_size {config.batch_size} is larger than the training split '
-                      f'({len(train)} images): lower it or use more data')
     self.local_batch = parallel.check_batch(config.batch_size, 'batch_size')
-    parallel.check_batch(config.test_batch_size, 'test_batch_size')
-    self.net = build_network(config, train.num_classes)
+    self.net = build_network(config, train.num_classes, train.image_shape)
     self.cfg = train_step.TrainConfig.from_config(
         config, self.mean, self.std, 'imagenet' if isinstance(train, imagenet.Stream) else 'cifar')
     self.steps_per_epoch = len(train) // jax.process_count() // self.local_batch
     self.key = jax.random.key(config.seed)
     # XLA's RngBitGenerator: the initialiser compiles 4x faster than with threefry keys
     self.init_key = jax.random.key(config.seed, impl='unsafe_rbg')
-    self.checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints', config.checkpoints_kept)
+    self.checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints', config.checkpoints_kept,
+                                              cli.plain(config))
 
   def initial_state(self) -> train_step.TrainState:
     init = jax.jit(lambda k, x: self.net.init({'params': k, 'drop_path': k}, x, train=True))
@@ -96,16 +107,15 @@ class Training:
     return train_step.create_train_state(variables, self.cfg)
 
   def resume(self):
-    """The newest checkpoint's state and record, or a fresh state and record."""
-    step = self.checkpoints.latest()
-    if step is None:
+    """The newest intact checkpoint's state and record, or a fresh state and record."""
+    found = self.checkpoints.restore_newest(lambda record: jax.eval_shape(self.initial_state))
+    if found is None:
       return parallel.replicate(self.initial_state()), {'epoch': 0, 'history': [],
                                                         'scalars_lines': 0}
-    state, record = self.checkpoints.restore(step, jax.eval_shape(self.initial_state))
-    state = parallel.replicate(state)
+    step, state, record = found
     metrics.truncate_scalars(self.workdir, record['scalars_lines'])
     log.info(f'resuming after epoch {record["epoch"]} from {self.checkpoints.directory / str(step)}')
-    return state, record
+    return parallel.replicate(state), record
 
   def run(self) -> dict:
     c = self.config
@@ -193,27 +203,58 @@ def load_data(config):
       config.data, train)
 
 
-def run(config, workdir, overwrite: bool = False) -> dict:
-  """Validates ``config`` and trains into ``workdir``, resuming a run of the same config there
-  (a different run's workdir is refused unless ``overwrite``). Returns the results."""
+OUTPUTS = ('checkpoints', 'scalars.jsonl', 'tb', 'results.json')
+
+
+def _check_config(config) -> None:
+  """The checks of a retraining config that need no files."""
   validate_train(config)
+  ops.check_dw_form(config.model.dw_form, 'model.dw_form')
+  parallel.check_batch(config.batch_size, 'batch_size')
+  parallel.check_batch(config.test_batch_size, 'test_batch_size')
+
+
+def preflight(config, workdir, overwrite: bool) -> Path:
+  """Every check that decodes no data (one image at most), first to last: the config, the
+  workdir's path and the run it holds, the genotype, the data source, the network (sizes that
+  fit). Returns the workdir."""
+  _check_config(config)
+  workdir = cli.check_folder(workdir, '--workdir')
+  cli.check_claim(workdir, config, overwrite)
+  genotype.load(config.genotype)
+  if config.data.dataset == 'imagenet2012':
+    _, classes = data.check_source(config.data, tuple(imagenet.SPLITS.values()))
+    shape = (config.image_size or 224,) * 2 + (3,)
+  else:
+    shape, classes = data.check_source(config.data, data.SPLITS)
+  build_network(config, classes, shape)
+  return workdir
+
+
+def run(config, workdir, overwrite: bool = False) -> dict:
+  """Checks ``config`` and trains into ``workdir``, resuming a run of the same config there (a
+  different run's workdir is refused unless ``overwrite``; nothing there is touched before the
+  data is loaded). Returns the results."""
+  workdir = preflight(config, workdir, overwrite)
   cli.use_compile_cache(config.compile_cache)
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  cli.claim_workdir(workdir, config, overwrite, outputs=('checkpoints', 'scalars.jsonl', 'tb',
-                                                         'results.json'))
+  inputs = load_data(config)
+  if len(inputs[0]) < config.batch_size:
+    raise UserError(f'batch_size {config.batch_size} is larger than the training split '
+                    f'({len(inputs[0])} images): lower it or use more data')
+  cli.claim_workdir(workdir, config, overwrite, OUTPUTS)
   metrics.setup_logging(workdir)
-  log.info(f'training into {workdir} on {jax.default_backend()}:\n{config}')
-  training = Training(config, workdir, *load_data(config))
+  log.info(f'training into {workdir} on {jax.default_backend()} (the config is in '
+           f'{workdir / "config.json"})')
+  training = Training(config, workdir, *inputs)
   log.info(f'params: {training.params}')
   return training.run()
 
 
 def count_params(config) -> int:
   """The parameter count of ``config``'s network, built abstractly (nothing runs)."""
-  validate_train(config)
+  _check_config(config)
   shape = (config.image_size or 32,) * 2 + (3,)
-  net = build_network(config, data.num_classes(config.data))
+  net = build_network(config, data.num_classes(config.data), shape)
   return network.param_count(network.variable_shapes(net, shape)['params'])
 
 
@@ -223,8 +264,8 @@ def main() -> None:
   values = cli.run_flags('Training config file.', 'configs/train_cifar.py')
 
   def start():
-    config, workdir, overwrite = values(need_workdir=lambda config: config.epochs > 0)
-    if config.epochs == 0:
+    config, workdir, overwrite = values(need_workdir=lambda config: config.get('epochs') != 0)
+    if config.get('epochs') == 0:
       print(f'params: {count_params(config)}')
     else:
       run(config, workdir, overwrite)

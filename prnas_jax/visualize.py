@@ -170,10 +170,11 @@ def main() -> None:
   out, fmt = cli.picture_flags('Folder for the pictures.', default_out='.')
 
   def draw(name):
+    folder = cli.check_folder(out.value, '--out')
     geno = genotype.load(name)
     registry = {n.lower(): n for n in genotype.REGISTRY}
     stem = registry.get(name.lower(), Path(name).stem)
-    for path in draw_cells(geno, Path(out.value), fmt.value, prefix=stem, name=stem):
+    for path in draw_cells(geno, folder, fmt.value, prefix=stem, name=stem):
       print(path)
   cli.run(draw, args=('GENOTYPE',))
 

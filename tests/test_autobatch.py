@@ -75,7 +75,7 @@ def test_a_stage_picks_the_largest_batch_that_fits(cifar_subset, tmp_path, monke
         cifar_subset), 200
     config.search.layers, config.search.init_channels = 3, 4
     config.search.batch_size, config.search.max_batch_size = 0, 20
-  run = search.Search(config, tmp_path)
+  run = search.Search(config, tmp_path, search.load_data(config))
   net = run.supernet(0)
   state = parallel.replicate(run.new_state(0, net, supernet.init_variables(
       net, jax.random.key(0), run.splits.image_shape), jax.random.key(1)))

@@ -143,6 +143,45 @@ def test_folder_corrupt_image(tmp_path):
   _one_line_error(data.load_split, _config(folder=root), 'train', match='broken.jpg')
 
 
+def _only_image(root, write):
+  """``load_split`` of a two-class folder whose every image ``write(path)`` writes; the first."""
+  for cls in ('a', 'b'):
+    (root / 'train' / cls).mkdir(parents=True)
+    write(root / 'train' / cls / '0')
+  return data.load_split(_config(folder=root), 'train').images[0]
+
+
+@pytest.mark.parametrize('suffix', ['.png', '.tif'])
+def test_16_bit_grey_keeps_its_top_8_bits(tmp_path, suffix):
+  """PIL opens 16-bit grey as mode I;16, and its own conversion clips it to 255."""
+  top = np.arange(48, dtype=np.uint16).reshape(6, 8) * 5
+  image = _only_image(tmp_path, lambda p: Image.fromarray(top * 256 + 99).save(f'{p}{suffix}'))
+  np.testing.assert_array_equal(image, np.repeat(top[..., None], 3, axis=-1))
+
+
+@pytest.mark.parametrize('mode, suffix', [
+    ('1', '.bmp'), ('L', '.png'), ('LA', '.png'), ('P', '.gif'), ('RGBA', '.png'),
+    ('CMYK', '.tif'), ('YCbCr', '.tif'), ('RGB', '.webp')])
+def test_every_image_mode_decodes_to_8_bit_rgb(tmp_path, mode, suffix):
+  """Two colours (black and yellow, which every mode holds) in every mode and file format
+  a folder takes, decoded as the same 8-bit RGB."""
+  rgb = np.zeros((6, 8, 3), np.uint8)
+  rgb[:, 4:] = (255, 255, 0) if mode not in ('1', 'L', 'LA') else 255
+  image = _only_image(tmp_path, lambda p: Image.fromarray(rgb).convert(mode).save(
+      f'{p}{suffix}', **({'lossless': True} if suffix == '.webp' else {})))
+  assert image.dtype == np.uint8 and image.shape == rgb.shape
+  np.testing.assert_allclose(image, rgb, atol=2)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+  """A camera JPEG stored sideways (EXIF orientation 6: rotate 90 degrees) decodes upright."""
+  def write(path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new('RGB', (8, 6), (200, 30, 30)).save(f'{path}.jpg', exif=exif)
+  assert _only_image(tmp_path, write).shape == (8, 6, 3)
+
+
 def test_mean_std(tmp_path):
   for name in ('cifar10', 'cifar100'):
     mean, std = data.mean_std(_config(dataset=name), None)

@@ -1,6 +1,6 @@
 """Bad input: every row of docs/errors.md is produced here and compared with the line the table
 shows (``DIR`` stands for the test's temporary folder, ``...`` for any text). Entry-point rows run
-``python -m prnas_jax.search`` and check that the error is its only ``error:`` line."""
+``python -m prnas_jax.search`` (or ``train``) and check that the error is its only stderr line."""
 import contextlib
 import dataclasses
 import errno
@@ -14,12 +14,14 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from prnas_jax import autobatch, checkpoint, cifar, data, genotype, ops, parallel, search
-from prnas_jax.config import search_config, validate
+from prnas_jax import (autobatch, checkpoint, cifar, cli, data, genotype, ops, parallel, report,
+                       search, train, visualize)
+from prnas_jax.config import search_config, train_config, validate
 from prnas_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,18 +33,99 @@ def _private_user_cache(tmp_path, monkeypatch):
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))  # never the real ~/.cache
 
 
-def _search(tmp, *overrides, config=('--config', 'configs/tiny.py')):
-  """The last stderr line of a failing search run with ``overrides`` of configs/tiny.py (and
-  no download)."""
-  offline = ['--config.data.download=false'] if config else []
-  cmd = [sys.executable, '-m', 'prnas_jax.search', *config, '--workdir', str(tmp / 'run'),
+def _search(tmp, *overrides, config=('--config', 'configs/tiny.py'), module='search'):
+  """The stderr line of a failing search (or ``module``) run with ``overrides`` of
+  configs/tiny.py (never downloading): the only one, but for the line saying what a
+  multi-process run waits for."""
+  offline = ['--config.data.download=false'] if config and config[-1].startswith('configs/') else []
+  cmd = [sys.executable, '-m', f'prnas_jax.{module}', *config, '--workdir', str(tmp / 'run'),
          *offline, *overrides]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XDG_CACHE_HOME': str(tmp / 'xdg')}
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  lines = out.stderr.strip().splitlines()
-  assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr
-  assert [line for line in lines if line.startswith('error:')] == lines[-1:], out.stderr
-  return lines[-1]
+  lines = [line for line in out.stderr.strip().splitlines()
+           if not line.startswith('joining a multi-process run')]
+  assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith('error:'), out.stderr
+  return lines[0]
+
+
+def _config_file(tmp, text):
+  """``_search`` with the config file ``text``."""
+  path = tmp / 'config.py'
+  path.write_text(text)
+  return _search(tmp, config=('--config', str(path)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _held(tmp, config, recorded=True):
+  """``tmp/run`` holding a run of ``config``: config.json and one checkpoint (recording
+  ``config`` if ``recorded``, as checkpoints written before configs were recorded do not)."""
+  workdir = tmp / 'run'
+  checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints', 2,
+                                       cli.plain(config) if recorded else None)
+  checkpoints.save(0, {'x': np.zeros(2, np.float32)}, {'epoch': 0})
+  checkpoints.close()
+  (workdir / 'config.json').write_text(json.dumps(cli.plain(config)))
+  return workdir
+
+
+def _claim(tmp, edit, recorded=True, **changes):
+  """``check_claim`` of a search config with ``changes``, in a workdir of the default config
+  after ``edit(workdir)``."""
+  workdir = _held(tmp, search_config(), recorded)
+  edit(workdir)
+  return _raises(cli.check_claim, workdir, _with(**changes), False)
+
+
+def _overwrite_bad_folder(tmp):
+  """``--overwrite`` of a run with a data folder that does not exist removes nothing."""
+  config = search_config()
+  workdir = _held(tmp, config)
+  (workdir / 'scalars.jsonl').write_text('{"step": 0}\n')
+  before = sorted(p.relative_to(workdir) for p in workdir.rglob('*'))
+  config.data.dataset, config.data.folder = 'folder', str(tmp / 'missing')
+  line = _raises(search.run, config, workdir, True)
+  assert sorted(p.relative_to(workdir) for p in workdir.rglob('*')) == before
+  return line
+
+
+def _no_intact_checkpoint(tmp):
+  workdir = _held(tmp, search_config())
+  (workdir / 'checkpoints' / '0' / 'record' / 'metadata').write_text('')
+  checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints', 2)
+  return _raises(checkpoints.restore_newest, lambda record: None)
+
+
+def _one_class(tmp):
+  _images(tmp, [(8, 8)])
+  return _load_folder(tmp)
+
+
+def _float_image(tmp):
+  Image.new('F', (8, 8), 0.5).save(_images(tmp) / 'train' / 'a' / 'f.tif')
+  return _load_folder(tmp)
+
+
+def _train_config(tmp, edit=None, **model):
+  """A 3-cell retraining config on CIFAR-10 with the DARTS_V2 genotype after ``edit(obj)``
+  written to ``tmp/g.json``."""
+  config = train_config()
+  config.model.update(model)
+  if edit:
+    obj = genotype.load('DARTS_V2').to_json()
+    edit(obj)
+    (tmp / 'g.json').write_text(json.dumps(obj))
+    config.genotype = str(tmp / 'g.json')
+  return config
+
+
+def _a_file(tmp):
+  (tmp / 'file').write_text('')
+  return tmp / 'file'
 
 
 def _raises(fn, *args):
@@ -185,6 +268,22 @@ def _on_devices(n, fn, *args):
     return _raises(fn, *args)
 
 
+def _bad_stage_record(tmp):
+  """``report`` of a workdir whose stage 0 has started and whose stage record is cut short."""
+  (tmp / 'stages').mkdir()
+  (tmp / 'stages' / 'stage0.json').write_text('{"stage": 0,')
+  (tmp / 'scalars.jsonl').write_text('{"step": 0, "stage/epochs": 1}\n')
+  return _raises(report.main, tmp, None, 'png')
+
+
+def _too_wide(tmp):
+  """A conv 99999 times as wide as its cell, on a device of 1 GiB."""
+  config = _train_config(tmp, _replace('normal', 0, ['conv(k=3,d=1,mul=[99999])', 0]), layers=3)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(autobatch, 'device_memory', lambda: 2**30)
+    return _raises(train.count_params, config)
+
+
 ROWS = {
     'config file missing': lambda t: _search(t, config=('--config', 'configs/tiyn.py')),
     'no config file': lambda t: _search(t, config=()),
@@ -237,12 +336,66 @@ ROWS = {
     'automatic batch that cannot fit': lambda t: _raises(
         autobatch.fit_batch_size, lambda b: 3 * 2**30, 2**30, 8, 128),
     'disk full while writing a checkpoint': _disk_full,
+    'workdir that is a file': lambda t: _raises(search.run, search_config(), _a_file(t)),
+    'workdir under a file': lambda t: _raises(search.run, search_config(), _a_file(t) / 'run'),
+    'negative seed': lambda t: _raises(validate, _with_seed(-1)),
+    'a number that is not finite': lambda t: _search(t, '--config.search.lr=nan'),
+    'config file with a syntax error': lambda t: _config_file(t, 'def get_config(:\n'),
+    'config file whose get_config raises': lambda t: _config_file(
+        t, 'def get_config():\n  return 1 / 0\n'),
+    'config file without get_config': lambda t: _config_file(t, 'CONFIG = {}\n'),
+    'get_config that returns no config': lambda t: _config_file(
+        t, 'def get_config():\n  return 5\n'),
+    'retraining config given to the search': lambda t: _search(
+        t, config=('--config', 'configs/train_cifar.py')),
+    'search config given to the retraining': lambda t: _search(t, module='train'),
+    'keep more than an edge holds': lambda t: _raises(
+        search.preflight, _with(stages=dict(keep=(10, 6, 6, 6, 6, 4, 3, 2, 1))), t / 'run', False),
+    'unknown depthwise form': lambda t: _raises(
+        search.preflight, _with(dw_form='shifted'), t / 'run', False),
+    'a multi-process run that never forms': lambda t: _search(
+        t, '--coordinator', f'localhost:{_free_port()}', '--num_processes', '2',
+        '--process_id', '1', '--join_timeout', '2'),
+    '--overwrite with a bad data folder': _overwrite_bad_folder,
+    'config.json lost, another command': lambda t: _claim(
+        t, lambda w: (w / 'config.json').unlink(), init_channels=4),
+    'config.json not JSON (checkpoints without their config)': lambda t: _claim(
+        t, lambda w: (w / 'config.json').write_text('{"seed": 0,'), recorded=False),
+    'config.json lost (checkpoints without their config)': lambda t: _claim(
+        t, lambda w: (w / 'config.json').unlink(), recorded=False),
+    'no intact checkpoint': _no_intact_checkpoint,
+    'one class': _one_class,
+    'image without a fixed range': _float_image,
+    'genotype op larger than the feature maps': lambda t: _raises(
+        train.count_params, _train_config(t, _replace('normal', 0, ['conv(k=99,d=1,mul=[1])', 0]),
+                                          layers=3)),
+    'genotype too wide to train': _too_wide,
+    'bad genotype and bad data in train': lambda t: _raises(train.run, _bad_train(t), t / 'run'),
+    'visualize --out that is a file': lambda t: _raises(visualize.main, 'DL2', _a_file(t), 'png'),
+    'report of a file': lambda t: _raises(report.main, _a_file(t), None, 'png'),
+    'stage record that is not JSON': _bad_stage_record,
 }
+
+
+def _with_seed(seed):
+  config = search_config()
+  config.seed = seed
+  return config
+
+
+def _bad_train(tmp):
+  """A retraining config whose genotype and data folder both do not exist."""
+  config = _train_config(tmp)
+  config.genotype = str(tmp / 'nope.json')
+  config.data.dataset, config.data.folder = 'folder', str(tmp / 'missing')
+  return config
 
 
 def _with(**search):
   config = search_config()
+  stages = search.pop('stages', {})
   config.search.update(search)
+  config.search.stages.update(stages)
   return config
 
 

@@ -53,7 +53,7 @@ def test_imagenet_training_step_learns_on_one_batch(tmp_path):
   with tfds.testing.mock_data(num_examples=8):
     stream = imagenet.Stream(_data_config(tmp_path), 'train', 64, workers=2)
     batch = next(iter(stream.epoch_batches(seed=0, epoch=0, batch=8)))
-  net = train.build_network(config, 1000)
+  net = train.build_network(config, 1000, (64, 64, 3))
   cfg = train_step.TrainConfig(mean=(0.5,) * 3, std=(0.25,) * 3, augment='imagenet',
                           label_smoothing=0.1, cutout=0)
   variables = net.init({'params': jax.random.key(0), 'drop_path': jax.random.key(1)},

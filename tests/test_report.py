@@ -67,6 +67,9 @@ def test_logs_axes(tmp_path):
   with open(tmp_path / 'scalars.jsonl', 'a') as f:  # a rerun appends: the later record wins
     f.write(json.dumps({'step': 0, 'epoch/lr': 1.0}) + '\n')
   assert report.Logs(tmp_path).epoch_series('epoch/lr')[1][0] == 1.0
+  with open(tmp_path / 'scalars.jsonl', 'a') as f:  # lines that are no record are skipped
+    f.write('[1, 2]\n{"epoch/lr": 2.0}\n"text"\n')
+  assert report.Logs(tmp_path).epoch_series('epoch/lr')[1][0] == 1.0
 
 
 def test_pool_lineage(tmp_path):
@@ -101,6 +104,9 @@ def test_command_line(tmp_path, check_picture):
 
 
 def test_bad_workdirs_are_one_line(tmp_path):
+  (_fake_search(tmp_path / 'run') / 'stages' / 'stage1.json').write_text('{"stage": 1,')
+  with pytest.raises(UserError, match=r'stage1.json is not a stage record \(Expecting'):
+    report.draw_run(tmp_path / 'run')
   with pytest.raises(UserError, match='has no scalars.jsonl: pass the --workdir of a search'):
     report.Logs(tmp_path)
   (tmp_path / 'scalars.jsonl').write_text('')

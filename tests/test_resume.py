@@ -1,9 +1,12 @@
 """Kill anywhere, resume exactly: a two-stage search as a subprocess, SIGKILLed mid-epoch, between
 stages and while writing a checkpoint, each time rerun with the same workdir, ends exactly as an
 uninterrupted run of the same config (genotype, stage records, scalars, final weights and alphas).
-The runs share a persistent XLA cache: only the reference run compiles from scratch."""
+So does a run whose newest checkpoint was damaged: it resumes from the one before. The runs share
+a persistent XLA cache: only the reference run compiles from scratch."""
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,3 +184,67 @@ def test_a_finished_search_only_reports_its_genotype(reference, env):
   log = (reference / 'log.txt').read_text()
   assert log.count('has finished: genotype: {') == 1 and log.count('compiling') == 2
   assert (reference / 'genotype.json').stat().st_mtime_ns == before
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(reference, env, tmp_path):
+  """The reference run with its final checkpoint's arrays truncated and its genotype gone:
+  one warning line, no tracebacks, and the same genotype from stage 1's start."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  for name in ('genotype.json', 'genotype_darts.json', 'log.txt'):
+    (workdir / name).unlink(missing_ok=True)
+  for path in (workdir / 'checkpoints' / '4' / 'state' / 'd').iterdir():
+    os.truncate(path, path.stat().st_size // 2)
+  _finish(workdir, env)
+  out = _output(workdir)
+  assert [line for line in out.splitlines() if 'warning:' in line] == [
+      line for line in out.splitlines() if f'checkpoint {workdir}/checkpoints/4 is damaged' in line
+      and line.endswith('removed, resuming from checkpoint 3')], out
+  assert len([line for line in out.splitlines() if 'warning:' in line]) == 1
+  assert 'Traceback' not in out and 'Event loop is closed' not in out, out[:3000]
+  assert 'resuming from checkpoint 3 (stage 1, epoch 0)' in out
+  assert (workdir / 'genotype.json').read_bytes() == (reference / 'genotype.json').read_bytes()
+
+
+DAMAGE = {
+    'record emptied': ('record/metadata', lambda p: p.write_text('')),
+    'record a JSON array': ('record/metadata', lambda p: p.write_text('[]')),
+    'array metadata lost': ('state/_METADATA', os.remove),
+    'array data truncated': ('state/d/*', lambda p: os.truncate(p, p.stat().st_size // 2)),
+    'array index truncated': ('state/manifest.ocdbt', lambda p: os.truncate(p, 10)),
+    'record lost': ('record', shutil.rmtree),
+}
+
+
+class _Lines(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize('damage', DAMAGE)
+def test_each_damaged_file_falls_back_to_the_checkpoint_before(damage, tmp_path):
+  """Checkpoints 1 and 2 of a small state; a file of checkpoint 2 damaged: checkpoint 1 is
+  restored into a template that reads the record, with one warning, and 2 is removed."""
+  checkpoints = checkpoint.Checkpoints(tmp_path, 2)
+  for step in (1, 2):
+    checkpoints.save(step, {'w': np.full(1000, step, np.float32), 'b': np.zeros(3, np.int32)},
+                     {'step': step})
+  pattern, damage_file = DAMAGE[damage]
+  for path in (tmp_path / '2').glob(pattern):
+    damage_file(path)
+  handler = _Lines()
+  logging.getLogger('prnas_jax').addHandler(handler)
+  try:
+    step, state, record = checkpoints.restore_newest(lambda record: record['step'] and {
+        'w': np.zeros(1000, np.float32), 'b': np.zeros(3, np.int32)})
+  finally:
+    logging.getLogger('prnas_jax').removeHandler(handler)
+  assert (step, record, float(state['w'][0])) == (1, {'step': 1}, 1.0)
+  assert len(handler.lines) == 1 and f'checkpoint {tmp_path}/2 is damaged' in handler.lines[0]
+  assert checkpoints.steps() == [1]
+  checkpoints.save(2, state, record)  # the resumed run writes its step again
+  checkpoints.close()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from prnas_jax import config as config_lib
-from prnas_jax import cli, genotype, metrics, search, space
+from prnas_jax import checkpoint, cli, genotype, metrics, search, space
 from prnas_jax.errors import UserError
 from prnas_jax.ops import Conv, Pool, Skip
 
@@ -213,22 +213,35 @@ def test_tiny_search_stage_records(tiny_runs):
 
 
 def test_a_workdir_of_another_run_is_refused(tmp_path):
+  """A start that stops before its first checkpoint leaves nothing that binds the workdir; a run
+  with a checkpoint refuses another config unless ``overwrite``, which removes nothing before
+  every check has passed."""
   config = _load('tiny')  # cifar10, neither prepared nor downloaded here: a run stops at the data
   config.data.download = False
   with pytest.raises(UserError, match='cifar10 has no prepared tfds copy'):
     search.run(config, tmp_path)
-  with pytest.raises(UserError, match='cifar10 has no prepared tfds copy'):  # same: not refused
-    search.run(config, tmp_path)
   other = _load('tiny')
   other.search.batch_size, other.data.download = 16, False
+  with pytest.raises(UserError, match='cifar10 has no prepared tfds copy'):  # not yet a run: not refused
+    search.run(other, tmp_path)
+  assert not (tmp_path / 'config.json').exists()
+  (tmp_path / 'scalars.jsonl').write_text('{"step": 0}\n')  # left by a start killed early
+  cli.claim_workdir(tmp_path, other, False, search.OUTPUTS)
+  assert not (tmp_path / 'scalars.jsonl').exists()
+  checkpoints = checkpoint.Checkpoints(tmp_path / 'checkpoints', 2, cli.plain(config))
+  checkpoints.save(0, {'x': np.zeros(1, np.float32)}, {})
+  checkpoints.close()
+  cli.check_claim(tmp_path, config, False)  # config.json of another config: the record decides
+  cli.claim_workdir(tmp_path, config, False, search.OUTPUTS)
+  assert json.loads((tmp_path / 'config.json').read_text()) == cli.plain(config)
   with pytest.raises(UserError) as info:
     search.run(other, tmp_path)
-  assert str(info.value) == (f'{tmp_path} holds a different run (config differs in '
-                             'search.batch_size): use a new --workdir, or pass --overwrite to '
-                             'replace it')
+  assert str(info.value) == (f'{tmp_path} holds a different run (the config its checkpoints '
+                             'record differs in search.batch_size): use a new --workdir, or pass '
+                             '--overwrite to replace it')
   with pytest.raises(UserError, match='cifar10 has no prepared tfds copy'):
     search.run(other, tmp_path, overwrite=True)
-  assert json.loads((tmp_path / 'config.json').read_text())['search']['batch_size'] == 16
+  assert (tmp_path / 'checkpoints' / '0').is_dir()  # nothing removed
 
 
 def test_compile_cache_goes_to_the_user_cache(tmp_path, monkeypatch):

@@ -67,7 +67,7 @@ def test_darts_names_and_ours_build_the_same_network(tmp_path):
 
 def test_imagenet_network_shapes():
   config = _config('train_imagenet')
-  net = train.build_network(config, 1000)
+  net = train.build_network(config, 1000, (224, 224, 3))
   shapes = network.variable_shapes(net, (224, 224, 3))['params']
   assert 'aux' not in shapes and shapes['head']['kernel'].shape == (4 * 4 * 48, 1000)
   assert shapes['cell0']['pre0']['conv1']['kernel'].shape[-1] == 24  # FactorizedReduce after the stems
