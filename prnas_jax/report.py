@@ -215,8 +215,8 @@ def draw_pool(records: list[dict], title: str = ''):
 def draw_run(workdir, out_dir=None, fmt: str = 'png') -> list[Path]:
   """Writes the pictures of the search in ``workdir`` into ``out_dir`` (default ``workdir``):
   report, pool (once a stage has ended) and cells (once derived); returns their paths."""
-  workdir = Path(workdir)
-  out_dir = Path(out_dir) if out_dir else workdir
+  workdir = cli.check_folder(workdir, 'WORKDIR')
+  out_dir = cli.check_folder(out_dir, '--out') if out_dir else workdir
   title = f'search {workdir.resolve().name}'
   paths = [pictures.save(draw_progress(Logs(workdir), title), out_dir / f'report.{fmt}')]
   if records := _stage_records(workdir):
@@ -233,8 +233,7 @@ def main() -> None:
   out, fmt = cli.picture_flags('Folder for the pictures (default: WORKDIR).')
 
   def draw(workdir):
-    cli.check_folder(workdir, 'WORKDIR')
-    for path in draw_run(workdir, out.value and cli.check_folder(out.value, '--out'), fmt.value):
+    for path in draw_run(workdir, out.value, fmt.value):
       print(path)
   cli.run(draw, args=('WORKDIR',))
 

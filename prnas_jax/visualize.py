@@ -165,16 +165,22 @@ def draw_cells(geno: Genotype, out_dir: Path, fmt: str = 'png', prefix: str = 'c
                         Path(out_dir) / f'{prefix}_{cell}.{fmt}') for cell in genotype.CELLS]
 
 
+def draw_genotype(name: str, out_dir, fmt: str) -> list[Path]:
+  """Pictures of the cells of the genotype ``name`` (registry name or file) in ``out_dir``,
+  named after it; returns their paths."""
+  folder = cli.check_folder(out_dir, '--out')
+  geno = genotype.load(name)
+  registry = {n.lower(): n for n in genotype.REGISTRY}
+  stem = registry.get(name.lower(), Path(name).stem)
+  return draw_cells(geno, folder, fmt, prefix=stem, name=stem)
+
+
 def main() -> None:
   """``prnas-visualize GENOTYPE`` and ``python -m prnas_jax.visualize GENOTYPE``."""
   out, fmt = cli.picture_flags('Folder for the pictures.', default_out='.')
 
   def draw(name):
-    folder = cli.check_folder(out.value, '--out')
-    geno = genotype.load(name)
-    registry = {n.lower(): n for n in genotype.REGISTRY}
-    stem = registry.get(name.lower(), Path(name).stem)
-    for path in draw_cells(geno, folder, fmt.value, prefix=stem, name=stem):
+    for path in draw_genotype(name, out.value, fmt.value):
       print(path)
   cli.run(draw, args=('GENOTYPE',))
 

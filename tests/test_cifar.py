@@ -136,7 +136,7 @@ def test_cifar10_downloaded_once_converted_and_cached(tmp_path, monkeypatch, cap
   assert (_downloads(tmp_path) / path.name).read_bytes() == path.read_bytes()
   assert not list(_downloads(tmp_path).glob('*.part'))
   assert sorted(p.name for p in _cache(tmp_path).iterdir()) == [
-      'cifar10-test-v1.npz', 'cifar10-train-v1.npz']
+      data._cifar_cache('cifar10', 'test'), data._cifar_cache('cifar10', 'train')]
 
   monkeypatch.setattr(cifar, 'prepare', None)  # would fail if called: both splits are cached
   _assert_split(data.load_split(_config(tmp=tmp_path), 'test'), *written['test'], 10)
@@ -231,7 +231,7 @@ def test_a_half_written_cache_is_never_read(tmp_path, monkeypatch):
   monkeypatch.setattr(cifar, 'urlopen', None)  # the archive was kept: no second download
   _assert_split(data.load_split(_config(tmp=tmp_path), 'train'), *written['train'], 10)
   # A cache file cut short by something else is decoded again, not trusted.
-  npz = _cache(tmp_path) / 'cifar10-test-v1.npz'
+  npz = _cache(tmp_path) / data._cifar_cache('cifar10', 'test')
   npz.write_bytes(npz.read_bytes()[:5000])
   _assert_split(data.load_split(_config(tmp=tmp_path), 'test'), *written['test'], 10)
 

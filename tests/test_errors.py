@@ -273,7 +273,7 @@ def _bad_stage_record(tmp):
   (tmp / 'stages').mkdir()
   (tmp / 'stages' / 'stage0.json').write_text('{"stage": 0,')
   (tmp / 'scalars.jsonl').write_text('{"step": 0, "stage/epochs": 1}\n')
-  return _raises(report.main, tmp, None, 'png')
+  return _raises(report.draw_run, tmp, None, 'png')
 
 
 def _too_wide(tmp):
@@ -371,8 +371,8 @@ ROWS = {
                                           layers=3)),
     'genotype too wide to train': _too_wide,
     'bad genotype and bad data in train': lambda t: _raises(train.run, _bad_train(t), t / 'run'),
-    'visualize --out that is a file': lambda t: _raises(visualize.main, 'DL2', _a_file(t), 'png'),
-    'report of a file': lambda t: _raises(report.main, _a_file(t), None, 'png'),
+    'visualize --out that is a file': lambda t: _raises(visualize.draw_genotype, 'DL2', _a_file(t), 'png'),
+    'report of a file': lambda t: _raises(report.draw_run, _a_file(t), None, 'png'),
     'stage record that is not JSON': _bad_stage_record,
 }
 
