@@ -3,7 +3,8 @@ stages in each program layout, and the retraining step; one markdown table (prin
 the JSON file as ``.md``) and one JSON file.
 
   python scripts/bench.py                       # batch 128; 8 cells, C=16; DL2 in 20 cells, C=36
-  python scripts/bench.py --layers 3 --channels 4 --batch 8 --steps 1 --cases first/candidates,retrain
+  python scripts/bench.py --layers 3 --channels 4 --batch 8 --steps 2 --compile_cache  # CPU smoke
+  python scripts/bench.py --cases mid/pieces,retrain --batch 32
 
 Every case runs in a fresh process (an honest cold compile; a crash or a timeout loses that case
 only) with an empty persistent compilation cache of its own; ``--compile_cache`` reruns it with
@@ -46,8 +47,8 @@ from absl import app, flags  # noqa: E402
 from jax import monitoring  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from prnas_jax import (data, network, ops, parallel, search_step, space, supernet, train,  # noqa: E402
-                       train_step)
+from prnas_jax import (  # noqa: E402
+    data, network, ops, parallel, search_step, space, supernet, train, train_step)
 from prnas_jax.config import PROGRAMS  # noqa: E402
 from prnas_jax.ops import Conv, Pool  # noqa: E402
 
@@ -124,7 +125,7 @@ class Record:
     """``dw_form``: the config's ('' = the backend's default)."""
     t0 = time.perf_counter()
     devices = jax.devices()  # starts the backend
-    self.report, self.batch, self.warm = report, batch, set()
+    self.report, self.batch, self.before = report, batch, set()  # programs of build, compile
     self.fields = {**fields, 'batch': batch, 'dw_form': dw_form or ops.default_dw_form(),
                    'backend': jax.default_backend(), 'device': devices[0].device_kind,
                    'devices': len(devices), 'jax': jax.__version__,
@@ -142,7 +143,7 @@ class Record:
     n, t0, cpu0 = len(_COMPILED), time.perf_counter(), _cpu_seconds()
     yield
     seconds = time.perf_counter() - t0
-    self.warm.update(_COMPILED[n:])
+    self.before.update(_COMPILED[n:])
     self.fields.update({f'{name}_s': seconds, f'{name}_cores': (_cpu_seconds() - cpu0) / seconds,
                         f'{name}_programs': len(_COMPILED) - n})
 
@@ -161,10 +162,12 @@ class Record:
       cpu.append(_cpu_seconds() - cpu0)
     after = _COMPILED[start:]
     step_s = statistics.median(times[1:])
+    counts = {'compiles_after_warmup': len(after),
+              'compiled_after_warmup': dict(collections.Counter(after)),
+              'recompiles': sum(name in self.before for name in after)}
     self.update('done', step_s=step_s, images_per_s=self.batch / step_s,
-                step_cores=sum(cpu[1:]) / sum(times[1:]), compiles_after_warmup=len(after),
-                compiled_after_warmup=dict(collections.Counter(after)),
-                recompiles=sum(name in self.warm for name in after))
+                step_cores=sum(cpu[1:]) / sum(times[1:]),
+                **(counts if _COMPILED else {}))  # none if this jax reports no compiles
     return state
 
 
