@@ -199,9 +199,11 @@ def search_case(config, stage: str, batch: int, steps: int, report=lambda fields
                                                                               cfg)))
   with rec.phase('compile'):
     update, _ = search_step.compile_update_step(state, batches[0], net=net, cfg=cfg)
-  state = rec.steps(lambda state, i: search_step.search_step(
-      update, state, batches[2 * i], batches[2 * i + 1], True, s.lr, 0.0, keys[i])[0], state,
-                    steps)
+
+  def step(state, i):
+    return search_step.search_step(update, state, batches[2 * i], batches[2 * i + 1], True, s.lr,
+                                   0.0, keys[i])[0]
+  state = rec.steps(step, state, steps)
   if flops:  # XLA's cost analysis of the whole update before optimisation (equal for every
     # layout), twice: an alpha and a weight update per step
     lowered = search_step.update_step.lower(state, batches[0], *search_step.probe_args(),
