@@ -8,7 +8,6 @@ network and prints ``params: N`` (without the auxiliary head, as the papers coun
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 
 import jax
@@ -59,6 +58,16 @@ def build_network(config, num_classes: int, image_shape) -> network.Network:
   return net
 
 
+def initial_state(net: network.Network, cfg: train_step.TrainConfig, seed: int,
+                  image_shape) -> train_step.TrainState:
+  """A fresh state of ``net`` for images of ``image_shape`` (H, W, C), initialised by one
+  compiled program."""
+  # XLA's RngBitGenerator: the initialiser compiles 4x faster than with threefry keys
+  key = jax.random.key(seed, impl='unsafe_rbg')
+  init = jax.jit(lambda k, x: net.init({'params': k, 'drop_path': k}, x, train=True))
+  return train_step.create_train_state(init(key, jnp.zeros((1, *image_shape), jnp.float32)), cfg)
+
+
 class InMemory:
   """A split held in memory (CIFAR, image folders): this process's shard of the training
   examples on its device, batches gathered by index."""
@@ -96,15 +105,11 @@ class Training:
         config, self.mean, self.std, 'imagenet' if isinstance(train, imagenet.Stream) else 'cifar')
     self.steps_per_epoch = len(train) // jax.process_count() // self.local_batch
     self.key = jax.random.key(config.seed)
-    # XLA's RngBitGenerator: the initialiser compiles 4x faster than with threefry keys
-    self.init_key = jax.random.key(config.seed, impl='unsafe_rbg')
     self.checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints', config.checkpoints_kept,
                                               cli.plain(config))
 
   def initial_state(self) -> train_step.TrainState:
-    init = jax.jit(lambda k, x: self.net.init({'params': k, 'drop_path': k}, x, train=True))
-    variables = init(self.init_key, jnp.zeros((1, *self.train.image_shape), jnp.float32))
-    return train_step.create_train_state(variables, self.cfg)
+    return initial_state(self.net, self.cfg, self.config.seed, self.train.image_shape)
 
   def resume(self):
     """The newest intact checkpoint's state and record, or a fresh state and record."""
@@ -126,14 +131,12 @@ class Training:
     writer = metrics.Writer(self.workdir)
     progress = metrics.Progress(
         (c.epochs - record['epoch']) * self.steps_per_epoch * c.batch_size, c.log_every)
-    t0 = time.perf_counter()
     example = {'image': jax.ShapeDtypeStruct((c.batch_size, *self.train.image_shape), jnp.uint8,
                                              sharding=parallel.batch_sharded()),
                'label': jax.ShapeDtypeStruct((c.batch_size,), jnp.int32,
                                              sharding=parallel.batch_sharded())}
-    step = train_step.train_step.lower(state, example, np.float32(0), np.float32(0), self.key,
-                                       net=self.net, cfg=self.cfg).compile()
-    log.info(f'compiled the training step in {time.perf_counter() - t0:.1f} s')
+    step, seconds = train_step.compile_train_step(state, example, net=self.net, cfg=self.cfg)
+    log.info(f'compiled the training step in {seconds:.1f} s')
 
     def begin(epoch):
       lr, drop = learning_rate(c, epoch), c.model.drop_path * epoch / c.epochs

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from prnas_jax import data
@@ -87,6 +89,15 @@ def train_step(state: TrainState, batch, lr, drop_rate, key, *, net, cfg: TrainC
   params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
   return TrainState(params, stats, opt), {
       'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+
+def compile_train_step(state: TrainState, batch, *, net, cfg: TrainConfig):
+  """``train_step`` compiled ahead of time for the shapes and shardings of ``state`` and
+  ``batch`` (arrays or ``jax.ShapeDtypeStruct``s), and the seconds it took."""
+  t0 = time.perf_counter()
+  step = train_step.lower(state, batch, np.float32(0), np.float32(0), jax.random.key(0), net=net,
+                          cfg=cfg).compile()
+  return step, time.perf_counter() - t0
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'mean', 'std'))

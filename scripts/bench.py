@@ -1,0 +1,383 @@
+"""The benchmark suite, the same on every backend: the search step of the ``first`` and ``mid``
+stages in each program layout, and the retraining step; one markdown table (printed, and beside
+the JSON file as ``.md``) and one JSON file.
+
+  python scripts/bench.py                       # batch 128; 8 cells, C=16; DL2 in 20 cells, C=36
+  python scripts/bench.py --layers 3 --channels 4 --batch 8 --steps 2 --compile_cache  # CPU smoke
+  python scripts/bench.py --cases mid/pieces,retrain --batch 32
+
+Every case runs in a fresh process (an honest cold compile; a crash or a timeout loses that case
+only) with an empty persistent compilation cache of its own; ``--compile_cache`` reruns it with
+the cache its first run filled (a warm rerun or resume). A case gets at most ``--timeout_s`` and
+an equal share of what is left of ``--budget_s`` among the cases left; a case whose share is too
+short to start is reported as skipped, one that runs out of time with what it measured so far.
+
+Per case: build (the network and its state, placed on the devices as the runs place them),
+compile (the update as the runs compile it), the first step, time to the first step (those
+three), step (median of ``--steps`` timed steps after the first), images/s (one split's batch per
+step), memory (the device's peak where the backend reports it, else the process's peak RSS) and
+the programs compiled (or loaded from the cache) in each phase: after the compile only small
+eager programs should compile, and no program of the update again (``recompiles``).
+``first``: the prdarts4 start set on every edge; ``mid``: max/avg pool, conv(3,1,[]),
+conv(3,1,[1]), conv(5,1,[]), conv(3,2,[]) on every edge; images are random. Depth and width come
+from ``--search_config`` and ``--train_config`` (any key can be overridden:
+``--search_config.search.dw_form=dense``), or ``--layers`` and ``--channels`` for both.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax import monitoring  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from prnas_jax import (  # noqa: E402
+    data, network, ops, parallel, search_step, space, supernet, train, train_step)
+from prnas_jax.config import PROGRAMS  # noqa: E402
+from prnas_jax.ops import Conv, Pool  # noqa: E402
+
+STAGES = {
+    'first': ops.START_SETS['prdarts4'],
+    'mid': (Pool('max', 3), Pool('avg', 3), Conv(3), Conv(3, 1, (1,)), Conv(5), Conv(3, 2)),
+}
+CASES = tuple(f'{stage}/{programs}' for stage in STAGES for programs in PROGRAMS) + ('retrain',)
+MIN_CASE_S = 20  # a case given less is skipped: starting JAX and building take seconds
+MEAN, STD = (0.5,) * 3, (0.25,) * 3
+
+_SEARCH = config_flags.DEFINE_config_file('search_config', str(ROOT / 'configs' / 'dl2.py'),
+                                          'Search config of the search-step cases.',
+                                          lock_config=True)
+_TRAIN = config_flags.DEFINE_config_file('train_config', str(ROOT / 'configs' / 'train_cifar.py'),
+                                         'Retraining config of the retrain case.', lock_config=True)
+_CASES = flags.DEFINE_list('cases', list(CASES), 'Cases whose names contain one of these words, '
+                           f'run in the words\' order; names: {", ".join(CASES)}.')
+_LAYERS = flags.DEFINE_integer('layers', 0, 'Cells of every network (0: the configs\').')
+_CHANNELS = flags.DEFINE_integer('channels', 0, 'Initial channels of every network (0: the '
+                                 'configs\').')
+_BATCH = flags.DEFINE_integer('batch', 128, 'Batch size (of each split in a search step).',
+                              lower_bound=1)
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps after the first step.', lower_bound=1)
+_BUDGET = flags.DEFINE_float('budget_s', 0, 'Seconds for the whole suite (0: no limit).')
+_TIMEOUT = flags.DEFINE_float('timeout_s', 600, 'Seconds for one case at most.')
+_COMPILE_CACHE = flags.DEFINE_bool('compile_cache', False, 'Rerun every case with the persistent '
+                                   'compilation cache its first run filled.')
+_FLOPS = flags.DEFINE_bool('flops', False, 'Also XLA\'s FLOP count of a step and the FLOP/s.')
+_OUT = flags.DEFINE_string('out', 'runs/bench.json', 'The JSON file; the table goes beside it '
+                           '(.md).')
+_CHILD = flags.DEFINE_string('child', None, 'Internal: run the one case of --cases in this '
+                             'process and append its fields to this file as JSON lines.')
+
+_COMPILED = []  # programs compiled or loaded from the persistent cache in this process, in order
+_CACHE_HITS = []
+
+
+def _on_duration(event, duration, **kwargs):
+  if event == '/jax/core/compile/backend_compile_duration':
+    _COMPILED.append(str(kwargs.get('fun_name', '?')))
+
+
+def _on_event(event, **kwargs):
+  if event == '/jax/compilation_cache/cache_hits':
+    _CACHE_HITS.append(1)
+
+
+monitoring.register_event_duration_secs_listener(_on_duration)
+monitoring.register_event_listener(_on_event)
+
+
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _memory() -> dict:
+  """The device's peak bytes in use where the backend reports them (GPU, TPU), else the
+  process's peak RSS, in MiB."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return {'memory_mib': stats['peak_bytes_in_use'] / 2**20, 'memory_kind': 'device peak',
+            'peak_rss_mib': rss}
+  return {'memory_mib': rss, 'memory_kind': 'peak RSS', 'peak_rss_mib': rss}
+
+
+class Record:
+  """The fields of one case, handed to ``report`` at the start of every phase with everything
+  measured so far, so that a case killed on the way still says what it measured and where."""
+
+  def __init__(self, report, batch: int, dw_form: str, **fields):
+    """``dw_form``: the config's ('' = the backend's default)."""
+    t0 = time.perf_counter()
+    devices = jax.devices()  # starts the backend
+    self.report, self.batch, self.before = report, batch, set()  # programs of build, compile
+    self.fields = {**fields, 'batch': batch, 'dw_form': dw_form or ops.default_dw_form(),
+                   'backend': jax.default_backend(), 'device': devices[0].device_kind,
+                   'devices': len(devices), 'jax': jax.__version__,
+                   'backend_s': time.perf_counter() - t0}
+
+  def update(self, phase: str, **fields) -> None:
+    self.fields.update(fields, phase=phase, cache_hits=len(_CACHE_HITS), **_memory())
+    self.report(dict(self.fields))
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    """Times the block: ``{name}_s``, ``{name}_cores`` (CPU seconds per second) and
+    ``{name}_programs`` (programs compiled or loaded)."""
+    self.update(name)
+    n, t0, cpu0 = len(_COMPILED), time.perf_counter(), _cpu_seconds()
+    yield
+    seconds = time.perf_counter() - t0
+    self.before.update(_COMPILED[n:])
+    self.fields.update({f'{name}_s': seconds, f'{name}_cores': (_cpu_seconds() - cpu0) / seconds,
+                        f'{name}_programs': len(_COMPILED) - n})
+
+  def steps(self, step, state, n: int):
+    """Runs ``step(state, i) -> state`` for the first step and ``n`` timed steps."""
+    self.update('first step')
+    start, times, cpu = len(_COMPILED), [], []
+    for i in range(n + 1):
+      if i == 1:
+        f = self.fields
+        self.update('steps', first_step_s=times[0],
+                    time_to_first_step_s=f['build_s'] + f['compile_s'] + times[0])
+      t0, cpu0 = time.perf_counter(), _cpu_seconds()
+      state = jax.block_until_ready(step(state, i))
+      times.append(time.perf_counter() - t0)
+      cpu.append(_cpu_seconds() - cpu0)
+    after = _COMPILED[start:]
+    step_s = statistics.median(times[1:])
+    counts = {'compiles_after_warmup': len(after),
+              'compiled_after_warmup': dict(collections.Counter(after)),
+              'recompiles': sum(name in self.before for name in after)}
+    self.update('done', step_s=step_s, images_per_s=self.batch / step_s,
+                step_cores=sum(cpu[1:]) / sum(times[1:]),
+                **(counts if _COMPILED else {}))  # none if this jax reports no compiles
+    return state
+
+
+def _random_batches(n: int, batch: int, size: int, classes: int) -> list[dict]:
+  rng = np.random.default_rng(0)
+  return [parallel.shard_batch({'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+                                'label': rng.integers(0, classes, batch).astype(np.int32)})
+          for _ in range(n)]
+
+
+def search_case(config, stage: str, batch: int, steps: int, report=lambda fields: None,
+                flops: bool = False) -> dict:
+  """Times the search step (alpha update + weight update) of ``stage`` (``STAGES``) under the
+  search ``config`` (depth, width, layout, depthwise form, remat, optimizers), state and batches
+  placed as ``search.Search`` places them; returns the fields."""
+  s = config.search
+  rec = Record(report, batch, case=f'{stage}/{s.programs}', stage=stage, programs=s.programs,
+               layers=s.layers, channels=s.init_channels, dw_form=s.dw_form, remat=s.remat)
+  cfg = search_step.StepConfig.from_config(s, 0, MEAN, STD)
+  batches = _random_batches(2 * steps + 2, batch, 32, 10)
+  keys = [jax.random.key(i) for i in range(steps + 1)]
+  with rec.phase('build'):
+    net = supernet.build(space.initial_space(STAGES[stage]), layers=s.layers,
+                         channels=s.init_channels, dw_form=s.dw_form or None, remat=s.remat)
+    k_init, k_alpha = jax.random.split(jax.random.key(config.seed))
+    variables = supernet.init_variables(net, k_init, (32, 32, 3))
+    alphas = supernet.init_alphas(k_alpha, supernet.alpha_masks(net.edge_ops()))
+    state = jax.block_until_ready(parallel.replicate(search_step.create_state(variables, alphas,
+                                                                              cfg)))
+  with rec.phase('compile'):
+    update, _ = search_step.compile_update_step(state, batches[0], net=net, cfg=cfg)
+
+  def step(state, i):
+    return search_step.search_step(update, state, batches[2 * i], batches[2 * i + 1], True, s.lr,
+                                   0.0, keys[i])[0]
+  state = rec.steps(step, state, steps)
+  if flops:  # XLA's cost analysis of the whole update before optimisation (equal for every
+    # layout), twice: an alpha and a weight update per step
+    lowered = search_step.update_step.lower(state, batches[0], *search_step.probe_args(),
+                                            net=net, cfg=cfg)
+    count = 2 * (lowered.cost_analysis() or {}).get('flops', math.nan)
+    rec.update('done', flops=count, flop_per_s=count / rec.fields['step_s'])
+  return rec.fields
+
+
+def train_case(config, batch: int, steps: int, report=lambda fields: None,
+               flops: bool = False) -> dict:
+  """Times the retraining step of the retraining ``config`` (genotype, depth, width, auxiliary
+  head, drop-path), state and batches placed as ``train.Training`` places them; returns the
+  fields."""
+  m, size = config.model, config.image_size or 32
+  rec = Record(report, batch, case='retrain', genotype=config.genotype, layers=m.layers,
+               channels=m.init_channels, dw_form=m.dw_form, remat=m.remat)
+  cfg = train_step.TrainConfig.from_config(config, MEAN, STD,
+                                           'imagenet' if m.stem == 'imagenet' else 'cifar')
+  classes = data.num_classes(config.data)
+  batches = _random_batches(steps + 1, batch, size, classes)
+  keys = [jax.random.key(i) for i in range(steps + 1)]
+  with rec.phase('build'):
+    net = train.build_network(config, classes, (size, size, 3))
+    state = jax.block_until_ready(parallel.replicate(train.initial_state(net, cfg, config.seed,
+                                                                         (size, size, 3))))
+  with rec.phase('compile'):
+    step, _ = train_step.compile_train_step(state, batches[0], net=net, cfg=cfg)
+  rec.fields['params'] = network.param_count(state.params)
+  lr, drop = np.float32(config.lr), np.float32(m.drop_path)
+  rec.steps(lambda state, i: step(state, batches[i], lr, drop, keys[i])[0], state, steps)
+  if flops:
+    count = (step.cost_analysis() or {}).get('flops', math.nan)
+    rec.update('done', flops=count, flop_per_s=count / rec.fields['step_s'])
+  return rec.fields
+
+
+def select(words) -> list[str]:
+  """The cases whose names contain one of ``words``, in the words' order."""
+  chosen = []
+  for word in words:
+    chosen += [c for c in CASES if word in c and c not in chosen]
+  return chosen
+
+
+def run_child(case: str, argv, limit: float, cache_dir: Path, result: Path) -> dict:
+  """Runs ``case`` in a fresh process (this script with ``argv``) for at most ``limit``
+  seconds with ``cache_dir`` as its persistent compilation cache; its last fields, ``status``
+  (ok, timeout, failed), ``error`` and ``wall_s``."""
+  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(cache_dir)}
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run([sys.executable, __file__, *argv, '--cases', case, '--child',
+                           str(result)], env=env, capture_output=True, text=True, timeout=limit)
+    status = 'ok' if proc.returncode == 0 else 'failed'
+    log = proc.stdout + proc.stderr
+  except subprocess.TimeoutExpired as e:
+    status = 'timeout'
+    log = ''.join(x.decode(errors='replace') if isinstance(x, bytes) else x or ''
+                  for x in (e.stdout, e.stderr))
+  row = {'wall_s': time.perf_counter() - t0}
+  lines = result.read_text().splitlines() if result.exists() else []
+  row.update(json.loads(lines[-1]) if lines else {})
+  row['status'] = status
+  if status == 'failed':
+    last = [line for line in log.splitlines() if line.strip()]
+    row['error'] = last[-1] if last else f'exit status {proc.returncode}'
+  return row
+
+
+def run_suite(cases, argv, budget_s: float, timeout_s: float, compile_cache: bool,
+              workdir: Path, run=run_child, clock=time.perf_counter) -> list[dict]:
+  """Runs ``cases`` (each cold, then warm with ``compile_cache``) through ``run`` within
+  ``budget_s`` seconds (0: no limit); the rows, skipped runs included."""
+  start, rows = clock(), []
+  runs = [(case, cache) for case in cases for cache in ('cold', 'warm')[:1 + compile_cache]]
+  for n, (case, cache) in enumerate(runs):
+    row = {'case': case, 'cache': cache}
+    cases_left = len({c for c, _ in runs[n:]})
+    left = budget_s - (clock() - start) if budget_s else math.inf
+    limit = min(timeout_s, left / cases_left)
+    cold = rows[-1]['status'] if cache == 'warm' else 'ok'
+    if cold != 'ok':
+      row.update(status='skipped', reason=f'cold run {cold}')
+    elif limit < MIN_CASE_S:
+      row.update(status='skipped', reason=f'budget: {max(left, 0):.0f} s left for '
+                 f'{cases_left} case{"s" * (cases_left > 1)}')
+    else:
+      name = f'{case.replace("/", "-")}-{cache}'
+      row.update(run(case, argv, limit, workdir / case.replace('/', '-'),
+                     workdir / f'{name}.jsonl'))
+      row['limit_s'] = limit
+    rows.append(row)
+    print(f'{case} ({cache}): {_status(row)}, {row.get("wall_s", 0):.0f} s', flush=True)
+  return rows
+
+
+def _status(row) -> str:
+  text = row['status']
+  if text in ('timeout', 'failed') and 'phase' in row:
+    text += f' in {row["phase"]}'
+  detail = row.get('error') or row.get('reason')
+  return f'{text}: {detail[:80]}' if detail else text
+
+
+def _number(value) -> str:
+  if value is None:
+    return ''
+  if isinstance(value, int):
+    return str(value)
+  return f'{value:.0f}' if value >= 100 else f'{value:.1f}' if value >= 10 else (
+      f'{value:.2f}' if value >= 1 else f'{value:.3f}')
+
+
+COLUMNS = (('build s', 'build_s'), ('compile s', 'compile_s'), ('first step s', 'first_step_s'),
+           ('to first step s', 'time_to_first_step_s'), ('step s', 'step_s'),
+           ('images/s', 'images_per_s'), ('memory MiB', 'memory_mib'),
+           ('compiles after warmup', 'compiles_after_warmup'), ('wall s', 'wall_s'))
+
+
+def table(rows) -> str:
+  """The rows as one markdown table."""
+  head = ['case', 'cache', 'status', *(name for name, _ in COLUMNS)]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for row in rows:
+    cells = [row['case'], row['cache'], _status(row),
+             *(_number(row.get(key)) for _, key in COLUMNS)]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def _shrink(section, layers: str, channels: str) -> None:
+  if _LAYERS.value:
+    section[layers] = _LAYERS.value
+  if _CHANNELS.value:
+    section[channels] = _CHANNELS.value
+
+
+def child(case: str, path: Path) -> None:
+  def report(fields):
+    with open(path, 'a') as f:
+      f.write(json.dumps(fields) + '\n')
+
+  if case == 'retrain':
+    config = _TRAIN.value
+    _shrink(config.model, 'layers', 'init_channels')
+    train_case(config, _BATCH.value, _STEPS.value, report, _FLOPS.value)
+  else:
+    config = _SEARCH.value
+    _shrink(config.search, 'layers', 'init_channels')
+    stage, config.search.programs = case.split('/')
+    search_case(config, stage, _BATCH.value, _STEPS.value, report, _FLOPS.value)
+
+
+def main(argv):
+  cases = select(_CASES.value)
+  if not cases:
+    sys.exit(f'error: --cases {",".join(_CASES.value)} names no case: use words of '
+             f'{", ".join(CASES)}')
+  if _CHILD.value:
+    return child(cases[0], Path(_CHILD.value))
+  t0 = time.perf_counter()
+  with tempfile.TemporaryDirectory(prefix='prnas_bench_') as workdir:
+    rows = run_suite(cases, sys.argv[1:], _BUDGET.value, _TIMEOUT.value, _COMPILE_CACHE.value,
+                     Path(workdir))
+  out = Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  text = table(rows)
+  out.write_text(json.dumps({'command': ' '.join(sys.argv), 'elapsed_s': time.perf_counter() - t0,
+                             'budget_s': _BUDGET.value, 'rows': rows}, indent=1) + '\n')
+  out.with_suffix('.md').write_text(text + '\n')
+  print(text)
+  print(f'{out}, {out.with_suffix(".md")}: {time.perf_counter() - t0:.0f} s')
+
+
+if __name__ == '__main__':
+  app.run(main)

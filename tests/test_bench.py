@@ -1,0 +1,98 @@
+"""The benchmark suite (scripts/bench.py): its smallest run reports every field of every case it
+ran, with no program of the update compiled twice; the budget skips, and says so, what it cannot
+fit."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMES = ('backend_s', 'build_s', 'compile_s', 'first_step_s', 'time_to_first_step_s', 'step_s',
+         'wall_s')
+
+
+def _bench():
+  spec = importlib.util.spec_from_file_location('bench', ROOT / 'scripts' / 'bench.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='module')
+def suite(tmp_path_factory):
+  """The JSON, the table file and the output of the suite at its smallest: 3 cells, C=4, batch
+  8, one timed step, the `first` supernet per candidate and the DL2 retraining network."""
+  out = tmp_path_factory.mktemp('bench') / 'bench.json'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
+  proc = subprocess.run(
+      [sys.executable, 'scripts/bench.py', '--layers', '3', '--channels', '4', '--batch', '8',
+       '--steps', '1', '--cases', 'first/candidates,retrain', '--out', str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text()), out.with_suffix('.md').read_text(), proc.stdout
+
+
+def test_every_case_reports_every_field(suite):
+  result, _, _ = suite
+  rows = result['rows']
+  assert [(r['case'], r['cache'], r['status'], r['phase']) for r in rows] == [
+      ('first/candidates', 'cold', 'ok', 'done'), ('retrain', 'cold', 'ok', 'done')]
+  for row in rows:
+    assert all(row[k] > 0 for k in TIMES), row
+    assert row['time_to_first_step_s'] == pytest.approx(
+        row['build_s'] + row['compile_s'] + row['first_step_s'])
+    assert row['wall_s'] > row['time_to_first_step_s']
+    assert row['images_per_s'] == pytest.approx(8 / row['step_s'])
+    assert (row['batch'], row['layers'], row['channels']) == (8, 3, 4)
+    assert (row['backend'], row['devices'], row['memory_kind']) == ('cpu', 1, 'peak RSS')
+    assert row['memory_mib'] == row['peak_rss_mib'] > 100
+    assert row['build_programs'] > 0 and row['compile_programs'] > 0
+    assert row['compiles_after_warmup'] == sum(row['compiled_after_warmup'].values())
+    assert row['recompiles'] == 0, row['compiled_after_warmup']  # state placed as the runs do
+  search, retrain = rows
+  assert (search['stage'], search['programs'], search['dw_form']) == ('first', 'candidates',
+                                                                      'shift')
+  assert retrain['genotype'] == 'DL2' and 0 < retrain['params'] < 100_000
+
+
+def test_one_table(suite):
+  _, text, stdout = suite
+  lines = text.splitlines()
+  assert len(lines) == 4 and lines[0].startswith('| case | cache | status | build s')
+  assert lines[2].startswith('| first/candidates | cold | ok |')
+  assert lines[3].startswith('| retrain | cold | ok |')
+  assert text in stdout
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections
+def test_budget_shares_and_skips(tmp_path):
+  """Each case gets an equal share of what is left; a warm rerun follows only a cold run that
+  finished; a share too short to start is a skipped row, never a missing one."""
+  bench = _bench()
+  assert bench.select(['retrain', 'first']) == ['retrain', 'first/pieces', 'first/candidates',
+                                                'first/whole']
+  assert bench.select(['nothing']) == []
+  now, limits = [0.0], []
+  took = {('first/pieces', 'cold'): 30, ('first/pieces', 'warm'): 5, ('retrain', 'cold'): 20}
+
+  def run(case, argv, limit, cache_dir, result):
+    cache = 'warm' if result.name.endswith('-warm.jsonl') else 'cold'
+    limits.append(limit)
+    seconds = took.get((case, cache), limit)
+    now[0] += seconds
+    return {'status': 'ok' if seconds < limit else 'timeout', 'wall_s': seconds}
+
+  rows = bench.run_suite(['first/pieces', 'mid/whole', 'retrain'], [], 100, 600, True, tmp_path,
+                         run=run, clock=lambda: now[0])
+  assert [(r['case'], r['cache'], r['status']) for r in rows] == [
+      ('first/pieces', 'cold', 'ok'), ('first/pieces', 'warm', 'ok'),
+      ('mid/whole', 'cold', 'timeout'), ('mid/whole', 'warm', 'skipped'),
+      ('retrain', 'cold', 'ok'), ('retrain', 'warm', 'skipped')]
+  assert limits == pytest.approx([100 / 3, 70 / 3, 65 / 2, 32.5])
+  assert rows[3]['reason'] == 'cold run timeout' and rows[5]['reason'].startswith('budget')
+  text = bench.table(rows)
+  assert '| retrain | warm | skipped: budget: 12 s left for 1 case |' in text
