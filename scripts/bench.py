@@ -70,9 +70,9 @@ _CASES = flags.DEFINE_list('cases', list(CASES), 'Cases whose names contain one 
 _LAYERS = flags.DEFINE_integer('layers', 0, 'Cells of every network (0: the configs\').')
 _CHANNELS = flags.DEFINE_integer('channels', 0, 'Initial channels of every network (0: the '
                                  'configs\').')
-_BATCH = flags.DEFINE_integer('batch', 128, 'Batch size (of each split in a search step).',
+BATCH = flags.DEFINE_integer('batch', 128, 'Batch size (of each split in a search step).',
                               lower_bound=1)
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps after the first step.', lower_bound=1)
+STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps after the first step.', lower_bound=1)
 _BUDGET = flags.DEFINE_float('budget_s', 0, 'Seconds for the whole suite (0: no limit).')
 _TIMEOUT = flags.DEFINE_float('timeout_s', 600, 'Seconds for one case at most.')
 _COMPILE_CACHE = flags.DEFINE_bool('compile_cache', False, 'Rerun every case with the persistent '
@@ -350,12 +350,12 @@ def child(case: str, path: Path) -> None:
   if case == 'retrain':
     config = _TRAIN.value
     _shrink(config.model, 'layers', 'init_channels')
-    train_case(config, _BATCH.value, _STEPS.value, report, _FLOPS.value)
+    train_case(config, BATCH.value, STEPS.value, report, _FLOPS.value)
   else:
     config = _SEARCH.value
     _shrink(config.search, 'layers', 'init_channels')
     stage, config.search.programs = case.split('/')
-    search_case(config, stage, _BATCH.value, _STEPS.value, report, _FLOPS.value)
+    search_case(config, stage, BATCH.value, STEPS.value, report, _FLOPS.value)
 
 
 def main(argv):
