@@ -100,6 +100,6 @@ def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call):
     for name in piece.outputs:
       if first_writer[name] == i:  # every writer of the value has its gradient now
         del grads[name]
-    for name, g in zip(piece.inputs, g_in):
-      grads[name] = hook(add, grads[name], g) if name in grads else g
+    for name, g in reversed(list(zip(piece.inputs, g_in))):  # the last input first: the
+      grads[name] = hook(add, grads[name], g) if name in grads else g  # order sums were made in
   return variables, grads
