@@ -186,8 +186,7 @@ class PieceUpdate:
       return out
 
     weights = call(_edge_weights, state.alphas, net=self.net)
-    values = pieces.forward(self.body, {'images': images} | {
-        f'weights/{k}': w for k, w in weights.items()}, apply, call)
+    values = pieces.forward(self.body, supernet.chain_inputs(images, weights), apply, call)
     (features,) = self.head.inputs
     metrics, (g_head, g_features) = call(_head_loss, select(state.params, self.head),
                                          values[features], batch['label'],
@@ -195,7 +194,7 @@ class PieceUpdate:
     grads, g_inputs = pieces.backward(self.body, pullbacks, {features: g_features}, call)
     by_name = {p.name: p for p in self.body}
     g_params = merge([(self.head, g_head)] + [(by_name[n], g) for n, g in grads.items()])
-    g_weights = {k: g_inputs.get(f'weights/{k}') for k in state.alphas}
+    g_weights = {k: g_inputs.get(supernet.weights_value(k)) for k in state.alphas}
     new_state = call(_finish, state, g_params, g_weights, merge(new_stats), update_alphas, lr,
                      net=self.net, cfg=self.cfg)
     return new_state, metrics
@@ -258,8 +257,8 @@ def eval_step(state: SearchState, batch, *, net: supernet.Supernet, mean, std,
                                inputs, pieces.constants(piece), module=piece.module)
 
   weights = _edge_weights(state.alphas, net=net)
-  values = pieces.forward(body, {'images': _normalize(batch['image'], mean=mean, std=std)} | {
-      f'weights/{k}': w for k, w in weights.items()}, apply)
+  values = pieces.forward(body, supernet.chain_inputs(
+      _normalize(batch['image'], mean=mean, std=std), weights), apply)
   return _eval_head(select(state.params, head), values[head.inputs[0]], batch['label'],
                     module=head.module)
 

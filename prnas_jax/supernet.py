@@ -187,7 +187,7 @@ class Supernet(nn.Module):
       cell, edges = f'cell{i}', getattr(self, layout.kind)
       out.append(Piece(f'{cell}/pre', cells.CellInputs(layout, parent=None), (s0, s1),
                        (f'{cell}/s0', f'{cell}/s1'), (cell,), ('pre0', 'pre1')))
-      weights = f'weights/{layout.kind}'
+      weights = weights_value(layout.kind)
       if not per_candidate:
         nodes = CellNodes(edges, dataclasses.replace(layout, reduction_prev=False), self.dw_form,
                           parent=None)
@@ -206,6 +206,16 @@ class Supernet(nn.Module):
       s0, s1 = s1, cell
     return out + [Piece('head', cells.Head(self.num_classes, parent=None), (s1,), ('logits',),
                         keys=('head',))]
+
+
+def weights_value(kind: str) -> str:
+  """The name of cell type ``kind``'s edge weights among the values of ``Supernet.pieces``."""
+  return f'weights/{kind}'
+
+
+def chain_inputs(images, weights: Mapping[str, jax.Array]) -> dict:
+  """The values ``Supernet.pieces`` starts from: the images and each cell type's edge weights."""
+  return {'images': images} | {weights_value(k): w for k, w in weights.items()}
 
 
 def select(tree, piece: Piece) -> dict:
