@@ -124,8 +124,13 @@ def use_compile_cache(enabled: bool) -> None:
   ``JAX_COMPILATION_CACHE_DIR`` says), so that a rerun, a resumed stage or a stage of an equal
   supernet loads its programs instead of compiling them again (the 8-cell ``first`` search step:
   42 s to compile, 14 s from the cache)."""
-  if enabled and not jax.config.jax_compilation_cache_dir:
+  if not enabled:
+    return
+  if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', str(data.user_cache_dir() / 'xla'))
+  # every program, not only those that took a second to compile: building a supernet compiles
+  # dozens of small eager programs, and the piece layouts consist of programs of a few seconds
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 
 
 def check_folder(path, name: str) -> Path:

@@ -262,10 +262,12 @@ def init_alphas(key, masks: Mapping[str, np.ndarray], scale: float = 1e-3) -> di
 
 def init_variables(net: Supernet, key, image_shape) -> dict:
   """Freshly initialised ``params`` and ``batch_stats`` of ``net`` for images of ``image_shape``
-  (H, W, C)."""
+  (H, W, C): ``net.init``'s values, but only the initialisers run; the forward pass is traced,
+  not run (mid stage, 5 cells: 12 s and 60 small programs compiled instead of 21 s and 366)."""
   masks = alpha_masks(net.edge_ops())
   weights = edge_weights(init_alphas(jax.random.key(0), masks), masks)
-  return net.init(key, jnp.zeros((1, *image_shape), jnp.float32), weights, train=False)
+  return net.lazy_init(key, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32), weights,
+                       train=False)
 
 
 def edge_probs(space, alphas, net: Supernet) -> dict[str, list[dict[int, float]]]:

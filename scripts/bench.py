@@ -48,7 +48,7 @@ from jax import monitoring  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from prnas_jax import (  # noqa: E402
-    data, network, ops, parallel, search_step, space, supernet, train, train_step)
+    cli, data, network, ops, parallel, search_step, space, supernet, train, train_step)
 from prnas_jax.config import PROGRAMS  # noqa: E402
 from prnas_jax.ops import Conv, Pool  # noqa: E402
 
@@ -343,6 +343,8 @@ def _shrink(section, layers: str, channels: str) -> None:
 
 
 def child(case: str, path: Path) -> None:
+  cli.use_compile_cache(True)  # as the runs use it, in the folder run_child chose
+
   def report(fields):
     with open(path, 'a') as f:
       f.write(json.dumps(fields) + '\n')

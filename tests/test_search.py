@@ -248,15 +248,18 @@ def test_compile_cache_goes_to_the_user_cache(tmp_path, monkeypatch):
   """Entry points turn on XLA's persistent cache under the user cache folder, unless it is off
   or JAX_COMPILATION_CACHE_DIR chose another folder."""
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-  before = jax.config.jax_compilation_cache_dir
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
   try:
     jax.config.update('jax_compilation_cache_dir', None)
     cli.use_compile_cache(False)
     assert jax.config.jax_compilation_cache_dir is None
     cli.use_compile_cache(True)
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'prnas_jax' / 'xla')
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0  # small programs too
     jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'elsewhere'))
     cli.use_compile_cache(True)
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'elsewhere')
   finally:
-    jax.config.update('jax_compilation_cache_dir', before)
+    jax.config.update('jax_compilation_cache_dir', before[0])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', before[1])

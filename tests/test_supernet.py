@@ -61,6 +61,15 @@ def test_layout_and_names(tiny):
   assert variables['params']['head']['kernel'].shape == (4 * 16, 10)
 
 
+def test_init_variables_equal_flax_init(tiny):
+  """Only the initialisers run (the forward pass is traced, not run), with ``init``'s values."""
+  _, net, _, _, variables = tiny
+  lazy = supernet.init_variables(net, jax.random.key(1), (16, 16, 3))
+  assert jax.tree.structure(lazy) == jax.tree.structure(variables)
+  for a, b in zip(jax.tree.leaves(lazy), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_masked_columns_get_zero_probability_and_gradient(tiny):
   _, net, masks, alphas, variables = tiny
   alphas = {k: a.at[0, 3].set(5.0) for k, a in alphas.items()}  # a masked value never matters
