@@ -103,6 +103,6 @@ def _walk(state, batch, net, cfg):
     calls.append((key, program is pieces.forward_program))
     return lowered[key].out_info
 
-  search_step.PieceUpdate(net, cfg)(*_abstract((state, batch)), *search_step.probe_args(),
-                                    call=call)
+  search_step.PieceUpdate(net, cfg)(*_abstract((state, batch)),  # a weight update: it holds
+                                    *search_step.probe_args(False), call=call)  # the gradients
   return lowered, calls

@@ -63,6 +63,13 @@ def pull(pullback, g):
 
 
 @jax.jit
+def pull_inputs(pullback, g):
+  """``pull`` without the variables' gradients (None), whose work XLA then drops: the
+  backward pass of an alpha update."""
+  return None, pullback(g)[1]
+
+
+@jax.jit
 def add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
@@ -83,23 +90,24 @@ def forward(pieces: list[Piece], values: dict, apply, hook=call) -> dict:
   return values
 
 
-def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call):
+def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, variables=True):
   """The reverse of ``forward``: ``pullbacks[i]`` maps the gradients of piece ``i``'s outputs to
   those of its variables and inputs; ``grads`` holds the gradients of the chain's outputs.
-  Returns ``{piece name: variable gradients}`` and ``grads`` with the gradients of the chain's
-  inputs (summed over their readers)."""
+  Returns ``{piece name: variable gradients}`` (None without ``variables``) and ``grads`` with
+  the gradients of the chain's inputs (summed over their readers)."""
+  program = pull if variables else pull_inputs
   first_writer = {}
   for i, piece in enumerate(pieces):
     for name in piece.outputs:
       first_writer.setdefault(name, i)
-  variables = {}
+  g_vars = {}
   for i in reversed(range(len(pieces))):
     piece = pieces[i]
     g_out = tuple(grads[name] for name in piece.outputs)
-    variables[piece.name], g_in = hook(pull, pullbacks[i], g_out if len(g_out) > 1 else g_out[0])
+    g_vars[piece.name], g_in = hook(program, pullbacks[i], g_out if len(g_out) > 1 else g_out[0])
     for name in piece.outputs:
       if first_writer[name] == i:  # every writer of the value has its gradient now
         del grads[name]
     for name, g in reversed(list(zip(piece.inputs, g_in))):  # the last input first: the
       grads[name] = hook(add, grads[name], g) if name in grads else g  # order sums were made in
-  return variables, grads
+  return g_vars, grads

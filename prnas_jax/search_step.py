@@ -94,7 +94,8 @@ def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
 
   Both gradients come from the same pass, so one compiled program serves the alpha and the
   weight half of a search step (about half the compile time of two programs; the alpha half
-  also computes the unused weight gradients, as the reference does). ``state`` is donated.
+  also computes the unused weight gradients, as the reference does, where ``PieceUpdate``
+  skips them). ``state`` is donated.
   """
   images, k_drop = _augment(key, batch['image'], cfg)
   masks = _masks(net)
@@ -114,15 +115,26 @@ def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
 
 def _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks, cfg):
   """Adam on the alphas or SGD on the weights, as ``update_alphas`` says; new statistics."""
-  g_alphas = jax.tree.map(lambda g, m: g * m, g_alphas, masks)
-  a_updates, a_opt = cfg.alpha_tx().update(g_alphas, state.a_opt, state.alphas)
-  w_updates, w_opt = cfg.weight_tx().update(g_params, state.w_opt, state.params)
-  params = jax.tree.map(lambda p, u: p - lr * u, state.params, w_updates)
+  alphas, a_opt = _alpha_update(state, g_alphas, masks, cfg)
+  params, w_opt = _weight_update(state, g_params, lr, cfg)
   return SearchState(
       params=_where(update_alphas, state.params, params), batch_stats=stats,
-      alphas=_where(update_alphas, optax.apply_updates(state.alphas, a_updates), state.alphas),
+      alphas=_where(update_alphas, alphas, state.alphas),
       w_opt=_where(update_alphas, state.w_opt, w_opt),
       a_opt=_where(update_alphas, a_opt, state.a_opt))
+
+
+def _alpha_update(state, g_alphas, masks, cfg):
+  """The alphas and their optimizer state after an Adam step on the masked gradients."""
+  g_alphas = jax.tree.map(lambda g, m: g * m, g_alphas, masks)
+  updates, a_opt = cfg.alpha_tx().update(g_alphas, state.a_opt, state.alphas)
+  return optax.apply_updates(state.alphas, updates), a_opt
+
+
+def _weight_update(state, g_params, lr, cfg):
+  """The weights and their optimizer state after an SGD step with learning rate ``lr``."""
+  updates, w_opt = cfg.weight_tx().update(g_params, state.w_opt, state.params)
+  return jax.tree.map(lambda p, u: p - lr * u, state.params, updates), w_opt
 
 
 def _augment(key, image, cfg: StepConfig):
@@ -149,15 +161,19 @@ def _head_loss(params, x, labels, *, module):
   return {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}, grads
 
 
-@functools.partial(jax.jit, static_argnames=('net', 'cfg'), donate_argnames='state')
-def _finish(state, g_params, g_weights, stats, update_alphas, lr, *, net, cfg):
-  """The optimizers; ``g_weights`` of a cell type without cells (None) is zero."""
+@functools.partial(jax.jit, static_argnames=('net', 'cfg', 'alphas'), donate_argnames='state')
+def _finish(state, g_params, g_weights, stats, lr, *, net, cfg, alphas: bool):
+  """The new statistics and, with ``alphas``, Adam on the alphas from ``g_weights`` (of a cell
+  type without cells: None, zero), else SGD on the weights from ``g_params``."""
+  if not alphas:
+    params, w_opt = _weight_update(state, g_params, lr, cfg)
+    return state.replace(params=params, batch_stats=stats, w_opt=w_opt)
   masks = _masks(net)
   g_weights = {k: jnp.zeros_like(a) if g_weights[k] is None else g_weights[k]
                for k, a in state.alphas.items()}
   _, pullback = jax.vjp(lambda a: supernet.edge_weights(a, masks), state.alphas)
-  return _apply_gradients(state, g_params, pullback(g_weights)[0], stats, update_alphas, lr,
-                          masks, cfg)
+  new_alphas, a_opt = _alpha_update(state, pullback(g_weights)[0], masks, cfg)
+  return state.replace(batch_stats=stats, alphas=new_alphas, a_opt=a_opt)
 
 
 class PieceUpdate:
@@ -165,7 +181,9 @@ class PieceUpdate:
   compiled programs: augmentation, the supernet's pieces (``Supernet.pieces``: one per stem,
   cell preprocessing, cell nodes, or with ``cfg.programs == 'candidates'`` one per candidate,
   shared by every edge and cell with its spec, stride and width), the head with the loss, the
-  pieces' pullbacks in reverse, then the optimizers (``state`` donated)."""
+  pieces' pullbacks in reverse, then the optimizer (``state`` donated). ``update_alphas`` must be
+  concrete: an alpha update's pullbacks skip the weights' gradients, a weight update's optimizer
+  the alphas' (each pullback and the optimizer compile once for each kind)."""
 
   def __init__(self, net: supernet.Supernet, cfg: StepConfig):
     self.net, self.cfg = net, cfg
@@ -191,28 +209,33 @@ class PieceUpdate:
     metrics, (g_head, g_features) = call(_head_loss, select(state.params, self.head),
                                          values[features], batch['label'],
                                          module=self.head.module)
-    grads, g_inputs = pieces.backward(self.body, pullbacks, {features: g_features}, call)
-    by_name = {p.name: p for p in self.body}
-    g_params = merge([(self.head, g_head)] + [(by_name[n], g) for n, g in grads.items()])
-    g_weights = {k: g_inputs.get(supernet.weights_value(k)) for k in state.alphas}
-    new_state = call(_finish, state, g_params, g_weights, merge(new_stats), update_alphas, lr,
-                     net=self.net, cfg=self.cfg)
+    alphas = bool(update_alphas)
+    grads, g_inputs = pieces.backward(self.body, pullbacks, {features: g_features}, call,
+                                      variables=not alphas)
+    g_params, g_weights = None, None
+    if alphas:
+      g_weights = {k: g_inputs.get(supernet.weights_value(k)) for k in state.alphas}
+    else:
+      by_name = {p.name: p for p in self.body}
+      g_params = merge([(self.head, g_head)] + [(by_name[n], g) for n, g in grads.items()])
+    new_state = call(_finish, state, g_params, g_weights, merge(new_stats), lr, net=self.net,
+                     cfg=self.cfg, alphas=alphas)
     return new_state, metrics
 
 
 _COMPILED = {}
 
 
-def probe_args():
+def probe_args(update_alphas: bool = True):
   """``update_alphas, lr, skip_drop, key`` of the updates that compile or analyse the step."""
-  return np.bool_(True), np.float32(0), np.float32(0), jax.random.key(0)
+  return np.bool_(update_alphas), np.float32(0), np.float32(0), jax.random.key(0)
 
 
 def compile_update_step(state, batch, *, net, cfg):
   """The update for these shapes and shardings, compiled ahead of time, and the seconds it took
   (0 when an earlier stage or run in this process compiled the same programs): ``update_step``
   compiled, or for the other layouts a ``PieceUpdate`` whose programs were compiled
-  by one update of a zero copy of ``state``."""
+  by an alpha and a weight update of a zero copy of ``state``."""
   key = (net, cfg, jax.tree.structure(state),
          tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
   if key in _COMPILED:
@@ -221,7 +244,9 @@ def compile_update_step(state, batch, *, net, cfg):
   if cfg.programs != 'whole':
     update = PieceUpdate(net, cfg)
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), state)
-    jax.block_until_ready(update(zeros, batch, *probe_args()))
+    for update_alphas in (True, False):
+      zeros, _ = update(zeros, batch, *probe_args(update_alphas))
+    jax.block_until_ready(zeros)
   else:
     update = update_step.lower(state, batch, *probe_args(), net=net, cfg=cfg).compile()
   _COMPILED[key] = update

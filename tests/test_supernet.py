@@ -148,11 +148,31 @@ def test_step_compiles_once_per_program(tiny, stepped):
   update, seconds = search_step.compile_update_step(state, _batch(5), net=net, cfg=CFG)
   assert seconds == 0.0  # the fixture compiled these programs already
   jitted = (search_step._prepare, search_step._edge_weights, pieces.forward_program,
-            pieces.pull, pieces.add, search_step._head_loss, search_step._finish)
+            pieces.pull, pieces.pull_inputs, pieces.add, search_step._head_loss,
+            search_step._finish)
   sizes = [f._cache_size() for f in jitted]
   search_step.search_step(update, jax.tree.map(jnp.copy, state), _batch(6), _batch(7), True, 0.01,
                     0.0, jax.random.key(8))
   assert [f._cache_size() for f in jitted] == sizes  # no piece traced or compiled again
+
+
+def test_alpha_update_skips_the_weight_gradients(tiny, stepped):
+  """An alpha update pulls back to the pieces' inputs only: its pullback programs leave out the
+  weights' gradients, and XLA counts clearly fewer operations in them than in a weight
+  update's."""
+  _, net, _, alphas, variables = tiny
+  flops = {pieces.pull: 0.0, pieces.pull_inputs: 0.0}
+
+  def count(program, *args, **static):
+    if program in flops:
+      flops[program] += program.lower(*args, **static).cost_analysis().get('flops', 0.0)
+    return program(*args, **static)
+  update = search_step.PieceUpdate(net, CFG)
+  state = search_step.create_state(jax.tree.map(jnp.copy, variables),
+                                   jax.tree.map(jnp.copy, alphas), CFG)
+  for alpha_update in (True, False):
+    state, _ = update(state, _batch(1), *search_step.probe_args(alpha_update), call=count)
+  assert 0 < flops[pieces.pull_inputs] < 0.9 * flops[pieces.pull]  # 0.83 at this size
 
 
 def test_piece_programs_equal_the_whole_program(tiny, stepped):
