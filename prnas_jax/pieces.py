@@ -25,6 +25,22 @@ def call(program, *args, **static):
   return program(*args, **static)
 
 
+def call_to_completion(program, *args, **static):
+  """Runs ``program`` and waits for its results: the hook on a host with several CPU devices.
+  XLA:CPU launches each device's part of a program from a thread pool, in no fixed order, and
+  a device runs a bounded number of programs at a time; with the chain dispatched far ahead, a
+  device's later programs could take every slot while its part of an earlier program, which
+  they wait for, is still unlaunched (a deadlock that ends in a collective's 40 s rendezvous
+  timeout)."""
+  return jax.block_until_ready(program(*args, **static))
+
+
+def default_hook():
+  """``call``, or ``call_to_completion`` where this process has several CPU devices."""
+  several_cpus = jax.default_backend() == 'cpu' and jax.local_device_count() > 1
+  return call_to_completion if several_cpus else call
+
+
 def constants(piece: Piece) -> tuple:
   """The traced constants ``piece.module`` takes after its inputs."""
   return (np.array(piece.index, np.int32),) if piece.index else ()

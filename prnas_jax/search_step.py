@@ -189,8 +189,9 @@ class PieceUpdate:
     self.net, self.cfg = net, cfg
     *self.body, self.head = net.pieces(per_candidate=cfg.programs == 'candidates')
 
-  def __call__(self, state, batch, update_alphas, lr, skip_drop, key, call=pieces.call):
-    """``call(program, *args, **static)`` runs each program (the default: calls it)."""
+  def __call__(self, state, batch, update_alphas, lr, skip_drop, key, call=None):
+    """``call(program, *args, **static)`` runs each program (default: ``pieces.default_hook``)."""
+    call = call or pieces.default_hook()
     images, k_drop = call(_prepare, key, batch['image'], cfg=self.cfg)
     new_stats, pullbacks = [], []
 
@@ -276,14 +277,16 @@ def eval_step(state: SearchState, batch, *, net: supernet.Supernet, mean, std,
   if programs == 'whole':
     return _eval_whole(state, batch, net=net, mean=mean, std=std)
   *body, head = net.pieces(per_candidate=programs == 'candidates')
+  call = pieces.default_hook()
 
   def apply(_, piece, inputs):
-    return pieces.eval_program(select(state.params, piece), select(state.batch_stats, piece),
-                               inputs, pieces.constants(piece), module=piece.module)
+    return call(pieces.eval_program, select(state.params, piece),
+                select(state.batch_stats, piece), inputs, pieces.constants(piece),
+                module=piece.module)
 
   weights = _edge_weights(state.alphas, net=net)
   values = pieces.forward(body, supernet.chain_inputs(
-      _normalize(batch['image'], mean=mean, std=std), weights), apply)
+      _normalize(batch['image'], mean=mean, std=std), weights), apply, call)
   return _eval_head(select(state.params, head), values[head.inputs[0]], batch['label'],
                     module=head.module)
 

@@ -1,15 +1,16 @@
 """``PYTHONPATH=. python tests/parallel_steps.py``, run by test_parallel.py in a fresh process
 with several (fake CPU) devices: a search step and a retraining step of tiny networks, on one
 device and on the mesh of all devices with the same global batch and key. Prints one JSON
-object: losses, the largest difference of any state leaf, whether the mesh state stayed
-replicated and the batch sharded, and images/s of warm steps."""
+object: the piece engine's hook, losses, the largest difference of any state leaf, whether the
+mesh state stayed replicated and the batch sharded, and images/s of warm steps."""
 import json
 import time
 
 import jax
 import numpy as np
 
-from prnas_jax import genotype, network, parallel, search_step, space, supernet, train_step
+from prnas_jax import (genotype, network, parallel, pieces, search_step, space, supernet,
+                       train_step)
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_disable_most_optimizations', True)  # compile time dominates here
@@ -89,4 +90,5 @@ def train():
 
 
 if __name__ == '__main__':
-  print(json.dumps({'devices': jax.device_count(), **search(), **train()}))
+  print(json.dumps({'devices': jax.device_count(), 'hook': pieces.default_hook().__name__,
+                    **search(), **train()}))

@@ -42,6 +42,11 @@ def test_eight_devices_step_equals_one_device_step(eight_devices, step):
   assert r[f'{step}_images_per_s_n'] > 0
 
 
+def test_several_cpu_devices_run_each_program_to_completion(eight_devices):
+  """Asynchronous dispatch of a piece chain can deadlock XLA:CPU's devices (pieces.py)."""
+  assert eight_devices['hook'] == 'call_to_completion'
+
+
 def test_a_batch_that_does_not_divide_is_refused(tmp_path):
   out = subprocess.run([sys.executable, '-m', 'prnas_jax.search', '--config', 'configs/tiny.py',
                         '--workdir', str(tmp_path), '--config.search.batch_size=36'], cwd=ROOT,
