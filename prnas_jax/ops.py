@@ -398,10 +398,12 @@ class ConvOp(nn.Module):
 def max_pool(x, k: int, stride: int):
   """KxK max pooling, padding K//2 with -inf, as the maximum of K*K shifted slices.
 
-  The hand-written backward pass sends each output's gradient to the inputs equal to that
-  output's maximum (elementwise, from the same slices), where autodiff of ``reduce_window`` uses
-  ``select_and_scatter``, slow on XLA:CPU. It differs only when two inputs of one window tie
-  for the maximum (then each receives the gradient; ``select_and_scatter`` picks one).
+  The hand-written backward pass (autodiff of ``reduce_window`` uses ``select_and_scatter``,
+  slow on XLA:CPU) sends each output's gradient to one input: the first of its window, in
+  row-major order, that holds the maximum, as ``select_and_scatter`` and PyTorch do. Ties are
+  common (pixels that a ReLU zeroed in every channel give equal values after a convolution),
+  and equal values may differ in their last bit between two compiled programs, so a rule that
+  fed every tied input would change the gradient's sum with the program.
   """
   return _max_pool_forward(x, k, stride)[0]
 
@@ -411,19 +413,22 @@ def _max_pool_forward(x, k, stride):
   xp = jax.lax.optimization_barrier(
       jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf))
   size = tuple((n - 1) // stride + 1 for n in x.shape[1:3])
-  out = functools.reduce(jnp.maximum, (tap for _, tap in _taps(xp, k, 1, stride, size)))
-  out = jax.lax.optimization_barrier(out)
-  return out, (x, out)
+  taps = list(_taps(xp, k, 1, stride, size))
+  out = functools.reduce(jnp.maximum, (tap for _, tap in taps))
+  first = jnp.full(out.shape, k * k, jnp.int8)  # the window's first tap holding the maximum
+  for (i, j), tap in reversed(taps):
+    first = jnp.where(tap == out, jnp.int8(i * k + j), first)
+  out, first = jax.lax.optimization_barrier((out, first))
+  return out, (x, first)
 
 
 def _max_pool_backward(k, stride, residuals, g):
-  x, out = residuals
-  gp, op = (_interleave(a, stride, k - 1, x.shape[1:3], fill)
-            for a, fill in ((g, 0), (out, jnp.nan)))
+  x, first = residuals
+  gp, fp = (_interleave(a, stride, k - 1, x.shape[1:3], fill) for a, fill in ((g, 0), (first, -1)))
   offset = lambda i: k - 1 - i + k // 2
-  dx = sum(jnp.where(x == o, t, 0) for (_, t), (_, o) in zip(
-      _taps(gp, k, 1, 1, x.shape[1:3], offset), _taps(op, k, 1, 1, x.shape[1:3], offset)))
-  return (jax.lax.optimization_barrier(dx),)
+  dx = sum(jnp.where(f == i * k + j, t, 0) for ((i, j), t), (_, f) in zip(
+      _taps(gp, k, 1, 1, x.shape[1:3], offset), _taps(fp, k, 1, 1, x.shape[1:3], offset)))
+  return (jax.lax.optimization_barrier(dx.astype(x.dtype)),)
 
 
 max_pool.defvjp(_max_pool_forward, _max_pool_backward)

@@ -236,3 +236,21 @@ def test_sliced_pools_match_reduce_window(kind, k, stride, size):
   np.testing.assert_allclose(ours(x), ref(x), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(jax.grad(loss)(x, ours), jax.grad(loss)(x, ref), rtol=1e-6,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize('k,stride,size', [(3, 1, 8), (3, 2, 8), (3, 2, 9), (5, 2, 8)])
+def test_max_pool_sends_a_tied_windows_gradient_to_its_first_maximum(k, stride, size):
+  """Integer inputs, a ReLU's zeros among them: most windows tie. The gradient equals
+  ``select_and_scatter``'s (one input per window, the first maximum in row-major order)."""
+  x = jnp.maximum(jnp.round(jax.random.normal(jax.random.key(6), (2, size, size, C))), 0.0)
+  window = dict(window_shape=(k, k), strides=(stride, stride), padding=((k // 2,) * 2,) * 2)
+  y = nn.max_pool(x, **window)
+  p, n = k // 2, y.shape[1]
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
+  maxima = sum(xp[:, i:i + stride * n:stride, j:j + stride * n:stride] == y
+               for i in range(k) for j in range(k))
+  assert jnp.mean(maxima > 1) > 0.25
+  g = jax.random.normal(jax.random.key(7), y.shape)
+  vjp = lambda fn: jax.vjp(fn, x)[1](g)[0]
+  np.testing.assert_allclose(vjp(lambda x: ops.max_pool(x, k, stride)),
+                             vjp(lambda x: nn.max_pool(x, **window)), rtol=1e-6, atol=1e-6)
