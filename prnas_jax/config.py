@@ -14,7 +14,7 @@ import ml_collections
 
 from prnas_jax.errors import UserError
 
-PROGRAMS = ('pieces', 'candidates', 'whole')  # search.programs: docs/design.md, "Program layouts"
+PROGRAMS = ('auto', 'pieces', 'candidates', 'whole')  # search.programs: docs/design.md, "Program layouts"
 STAGE_KEYS = ('epochs', 'grace_epochs', 'keep', 'new', 'add_layers', 'add_width', 'skip_dropout')
 
 # Reference §5.1: the 9-stage schedule of the DL1, DL2, DR and UR searches.
@@ -76,7 +76,8 @@ def search_config() -> ml_collections.ConfigDict:
       max_skip_normal=-1,  # P-DARTS skip-connect limit on the final normal cell (-1 = off)
       dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
       remat=True,  # recompute each cell (each piece) in the backward pass: less memory
-      programs='pieces',  # compiled programs: per supernet piece, per candidate, or 'whole'
+      programs='auto',  # compiled programs: per supernet piece, per candidate, 'whole', or 'auto'
+      # (per stage: 'candidates' on a CPU when an edge has more than 4 candidates, else 'pieces')
       checkpoints_kept=2,  # the newest checkpoints kept in WORKDIR/checkpoints
   ))
   c.log_every = 50  # steps between progress lines

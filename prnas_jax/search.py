@@ -160,7 +160,7 @@ class Search:
 
   def step_config(self, i: int) -> search_step.StepConfig:
     return search_step.StepConfig.from_config(self.config.search, i, self.splits.mean,
-                                              self.splits.std)
+                                              self.splits.std, self.space)
 
   def new_state(self, i: int, net, variables, k_alpha) -> search_step.SearchState:
     """Stage ``i``'s state: ``variables``, fresh alphas and fresh optimizers."""
@@ -248,7 +248,8 @@ class Search:
     if first < epochs:
       widths = {k: [len(c) for c in net.edge_ops()[k]] for k in self.space}
       log.info(f'stage {i}: {net.layers} cells, C={net.channels}, candidates per edge '
-               f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling')
+               f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling '
+               f'({self.step_config(i).programs} programs)')
       update, timing['compile_s'] = search_step.compile_update_step(
           state, batch(self.splits.weights, jnp.arange(local_batch)), net=net,
           cfg=self.step_config(i))
@@ -305,7 +306,7 @@ class Search:
         search_step.eval_step(state, parallel.shard_batch({k: v[start:start + bs]
                                                             for k, v in split.items()}),
                               net=net, mean=self.splits.mean, std=self.splits.std,
-                              programs=self.config.search.programs)
+                              programs=self.step_config(i).programs)
         for start in range(0, len(split['label']) - bs + 1, bs))
 
   def log_space(self, step: int) -> None:

@@ -56,7 +56,8 @@ STAGES = {
     'first': ops.START_SETS['prdarts4'],
     'mid': (Pool('max', 3), Pool('avg', 3), Conv(3), Conv(3, 1, (1,)), Conv(5), Conv(3, 2)),
 }
-CASES = tuple(f'{stage}/{programs}' for stage in STAGES for programs in PROGRAMS) + ('retrain',)
+CASES = tuple(f'{stage}/{programs}' for stage in STAGES for programs in PROGRAMS
+              if programs != 'auto') + ('retrain',)
 MIN_CASE_S = 20  # a case given less is skipped: starting JAX and building take seconds
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
 
@@ -184,13 +185,14 @@ def search_case(config, stage: str, batch: int, steps: int, report=lambda fields
   search ``config`` (depth, width, layout, depthwise form, remat, optimizers), state and batches
   placed as ``search.Search`` places them; returns the fields."""
   s = config.search
-  rec = Record(report, batch, case=f'{stage}/{s.programs}', stage=stage, programs=s.programs,
+  stage_space = space.initial_space(STAGES[stage])
+  cfg = search_step.StepConfig.from_config(s, 0, MEAN, STD, stage_space)
+  rec = Record(report, batch, case=f'{stage}/{cfg.programs}', stage=stage, programs=cfg.programs,
                layers=s.layers, channels=s.init_channels, dw_form=s.dw_form, remat=s.remat)
-  cfg = search_step.StepConfig.from_config(s, 0, MEAN, STD)
   batches = _random_batches(2 * steps + 2, batch, 32, 10)
   keys = [jax.random.key(i) for i in range(steps + 1)]
   with rec.phase('build'):
-    net = supernet.build(space.initial_space(STAGES[stage]), layers=s.layers,
+    net = supernet.build(stage_space, layers=s.layers,
                          channels=s.init_channels, dw_form=s.dw_form or None, remat=s.remat)
     k_init, k_alpha = jax.random.split(jax.random.key(config.seed))
     variables = supernet.init_variables(net, k_init, (32, 32, 3))

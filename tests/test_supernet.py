@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from prnas_jax import cells, optim, pieces, search_step, space, supernet
+from prnas_jax import cells, ops, optim, pieces, search_step, space, supernet
 from prnas_jax.config import PROGRAMS
 from prnas_jax.ops import Conv
 
@@ -199,9 +199,20 @@ def test_piece_programs_equal_the_whole_program(tiny, stepped):
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(result)):
       np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
   evals = [search_step.eval_step(stepped[2], _batch(4), net=net, mean=MEAN, std=STD, programs=p)
-           for p in PROGRAMS]
+           for p in PROGRAMS if p != 'auto']
   for other in evals[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), evals[0], other)
+
+
+def test_auto_layout_takes_candidates_on_a_cpu_for_edges_of_more_than_four():
+  """'auto' picks per stage: 'pieces' for prdarts4 (4 candidates per edge), 'candidates' once
+  an edge holds more (on the CPU, where these tests run); a named layout is kept."""
+  wide = space.initial_space((*ops.START_SETS['prdarts4'], Conv(5), Conv(3, 2)))
+  assert jax.default_backend() == 'cpu'
+  layouts = {name: search_step.program_layout('auto', sp)
+             for name, sp in (('prdarts4', _space()), ('six', wide))}
+  assert layouts == {'prdarts4': 'pieces', 'six': 'candidates'}
+  assert [search_step.program_layout(p, wide) for p in ('pieces', 'whole')] == ['pieces', 'whole']
 
 
 def test_cells_of_one_type_and_width_share_their_programs():
