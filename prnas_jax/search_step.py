@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from prnas_jax import data, pieces, supernet
-from prnas_jax.optim import cross_entropy, sgd_tx
+from prnas_jax.optim import (cross_entropy, momentum_buffer, sgd_part_update, sgd_tx,
+                             with_momentum_buffer)
 from prnas_jax.supernet import merge, select
 
 
@@ -126,7 +127,7 @@ def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
 
 def _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks, cfg):
   """Adam on the alphas or SGD on the weights, as ``update_alphas`` says; new statistics."""
-  alphas, a_opt = _alpha_update(state, g_alphas, masks, cfg)
+  alphas, a_opt = _alpha_update(state.alphas, state.a_opt, g_alphas, masks, cfg)
   params, w_opt = _weight_update(state, g_params, lr, cfg)
   return SearchState(
       params=_where(update_alphas, state.params, params), batch_stats=stats,
@@ -135,11 +136,11 @@ def _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks,
       a_opt=_where(update_alphas, a_opt, state.a_opt))
 
 
-def _alpha_update(state, g_alphas, masks, cfg):
+def _alpha_update(alphas, a_opt, g_alphas, masks, cfg):
   """The alphas and their optimizer state after an Adam step on the masked gradients."""
   g_alphas = jax.tree.map(lambda g, m: g * m, g_alphas, masks)
-  updates, a_opt = cfg.alpha_tx().update(g_alphas, state.a_opt, state.alphas)
-  return optax.apply_updates(state.alphas, updates), a_opt
+  updates, a_opt = cfg.alpha_tx().update(g_alphas, a_opt, alphas)
+  return optax.apply_updates(alphas, updates), a_opt
 
 
 def _weight_update(state, g_params, lr, cfg):
@@ -172,19 +173,34 @@ def _head_loss(params, x, labels, *, module):
   return {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}, grads
 
 
-@functools.partial(jax.jit, static_argnames=('net', 'cfg', 'alphas'), donate_argnames='state')
-def _finish(state, g_params, g_weights, stats, lr, *, net, cfg, alphas: bool):
-  """The new statistics and, with ``alphas``, Adam on the alphas from ``g_weights`` (of a cell
-  type without cells: None, zero), else SGD on the weights from ``g_params``."""
-  if not alphas:
-    params, w_opt = _weight_update(state, g_params, lr, cfg)
-    return state.replace(params=params, batch_stats=stats, w_opt=w_opt)
+@functools.partial(jax.jit, static_argnames=('net', 'cfg'), donate_argnames=('alphas', 'a_opt'))
+def _adam_alphas(alphas, a_opt, g_weights, *, net, cfg):
+  """Adam on the alphas from ``g_weights``, the gradients of the edge weights (of a cell type
+  without cells: None, zero): the new alphas and their optimizer state."""
   masks = _masks(net)
   g_weights = {k: jnp.zeros_like(a) if g_weights[k] is None else g_weights[k]
-               for k, a in state.alphas.items()}
-  _, pullback = jax.vjp(lambda a: supernet.edge_weights(a, masks), state.alphas)
-  new_alphas, a_opt = _alpha_update(state, pullback(g_weights)[0], masks, cfg)
-  return state.replace(batch_stats=stats, alphas=new_alphas, a_opt=a_opt)
+               for k, a in alphas.items()}
+  _, pullback = jax.vjp(lambda a: supernet.edge_weights(a, masks), alphas)
+  return _alpha_update(alphas, a_opt, pullback(g_weights)[0], masks, cfg)
+
+
+@jax.jit
+def _squared_norm(grads):
+  return optax.tree.norm(grads, squared=True)
+
+
+@jax.jit
+def _root_of_sum(squares):
+  return jnp.sqrt(jnp.sum(jnp.stack(squares)))
+
+
+@functools.partial(jax.jit, static_argnames='cfg', donate_argnames=('params', 'trace'))
+def _piece_sgd(params, trace, grads, norm, lr, *, cfg):
+  """``cfg.weight_tx()``'s step on one piece's weights and their momentum buffer ``trace``;
+  ``norm`` is the global norm of all the gradients (the clip's)."""
+  updates, trace = sgd_part_update(params, trace, grads, norm, clip=cfg.clip,
+                                   weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+  return jax.tree.map(lambda p, u: p - lr * u, params, updates), trace
 
 
 class PieceUpdate:
@@ -192,9 +208,10 @@ class PieceUpdate:
   compiled programs: augmentation, the supernet's pieces (``Supernet.pieces``: one per stem,
   cell preprocessing, cell nodes, or with ``cfg.programs == 'candidates'`` one per candidate,
   shared by every edge and cell with its spec, stride and width), the head with the loss, the
-  pieces' pullbacks in reverse, then the optimizer (``state`` donated). ``update_alphas`` must be
+  pieces' pullbacks in reverse, then the optimizer: Adam on the alphas in one program, or SGD
+  on the weights in one program per piece (``state`` donated). ``update_alphas`` must be
   concrete: an alpha update's pullbacks skip the weights' gradients, a weight update's optimizer
-  the alphas' (each pullback and the optimizer compile once for each kind)."""
+  the alphas' (each pullback compiles once for each kind)."""
 
   def __init__(self, net: supernet.Supernet, cfg: StepConfig):
     self.net, self.cfg = net, cfg
@@ -224,15 +241,28 @@ class PieceUpdate:
     alphas = bool(update_alphas)
     grads, g_inputs = pieces.backward(self.body, pullbacks, {features: g_features}, call,
                                       variables=not alphas)
-    g_params, g_weights = None, None
     if alphas:
       g_weights = {k: g_inputs.get(supernet.weights_value(k)) for k in state.alphas}
-    else:
-      by_name = {p.name: p for p in self.body}
-      g_params = merge([(self.head, g_head)] + [(by_name[n], g) for n, g in grads.items()])
-    new_state = call(_finish, state, g_params, g_weights, merge(new_stats), lr, net=self.net,
-                     cfg=self.cfg, alphas=alphas)
-    return new_state, metrics
+      new_alphas, a_opt = call(_adam_alphas, state.alphas, state.a_opt, g_weights,
+                               net=self.net, cfg=self.cfg)
+      return state.replace(batch_stats=merge(new_stats), alphas=new_alphas, a_opt=a_opt), metrics
+    by_name = {p.name: p for p in self.body}
+    parts = [(p, g) for p, g in [(self.head, g_head)] + [(by_name[n], g) for n, g in grads.items()]
+             if jax.tree.leaves(g)]
+    return self.sgd(state, parts, merge(new_stats), lr, call), metrics
+
+  def sgd(self, state, parts, stats, lr, call):
+    """The weight update from ``parts``, (piece, its weights' gradients) for every piece with
+    weights: one program per piece, shared by the pieces of one structure (a program for all
+    the weights took 25 s of the 8-cell ``mid`` compile), after one per piece for the squared
+    norm of its gradients (the clip takes their global norm)."""
+    norm = call(_root_of_sum, [call(_squared_norm, g) for _, g in parts])
+    buffer = momentum_buffer(state.w_opt)
+    new = [(piece, call(_piece_sgd, select(state.params, piece), select(buffer, piece), g, norm,
+                        lr, cfg=self.cfg)) for piece, g in parts]
+    return state.replace(params=merge((p, w) for p, (w, _) in new), batch_stats=stats,
+                         w_opt=with_momentum_buffer(state.w_opt,
+                                                    merge((p, t) for p, (_, t) in new)))
 
 
 _COMPILED = {}
