@@ -14,7 +14,8 @@ import ml_collections
 
 from prnas_jax.errors import UserError
 
-PROGRAMS = ('auto', 'pieces', 'candidates', 'whole')  # search.programs: docs/design.md, "Program layouts"
+# search.programs: docs/design.md, "Program layouts"
+PROGRAMS = ('auto', 'pieces', 'candidates', 'whole')
 STAGE_KEYS = ('epochs', 'grace_epochs', 'keep', 'new', 'add_layers', 'add_width', 'skip_dropout')
 
 # Reference §5.1: the 9-stage schedule of the DL1, DL2, DR and UR searches.

@@ -246,13 +246,13 @@ class Search:
     batch = lambda split, idx: parallel.shard_batch({'image': split['image'][idx],
                                                      'label': split['label'][idx]})
     if first < epochs:
+      cfg = self.step_config(i)
       widths = {k: [len(c) for c in net.edge_ops()[k]] for k in self.space}
       log.info(f'stage {i}: {net.layers} cells, C={net.channels}, candidates per edge '
                f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling '
-               f'({self.step_config(i).programs} programs)')
+               f'({cfg.programs} programs)')
       update, timing['compile_s'] = search_step.compile_update_step(
-          state, batch(self.splits.weights, jnp.arange(local_batch)), net=net,
-          cfg=self.step_config(i))
+          state, batch(self.splits.weights, jnp.arange(local_batch)), net=net, cfg=cfg)
       log.info(f'stage {i}: compiled in {timing["compile_s"]:.1f} s')
 
     def begin(e):
