@@ -344,9 +344,25 @@ class Depthwise(nn.Module):
     return depthwise_conv(x, kernel, stride=self.stride, dilation=self.dilation, form=self.form)
 
 
-def pointwise(features: int, stride: int = 1, name: str = 'pw') -> nn.Conv:
-  return nn.Conv(features, (1, 1), strides=(stride, stride), padding='VALID', use_bias=False,
-                 name=name)
+class Pointwise(nn.Module):
+  """1x1 convolution without bias (kernel (1, 1, in, out), initialised as ``nn.Conv``'s) as one
+  matrix product over every pixel: XLA:CPU computed the convolution's gradients 1.3-3.3x slower
+  (docs/design.md, "Pointwise convolution")."""
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (1, 1, x.shape[-1], self.features))
+    x = x[:, ::self.stride, ::self.stride]
+    n, h, w, c = x.shape
+    return (x.reshape(n * h * w, c) @ kernel.reshape(c, self.features)).reshape(
+        n, h, w, self.features)
+
+
+def pointwise(features: int, stride: int = 1, name: str = 'pw') -> Pointwise:
+  return Pointwise(features, stride, name=name)
 
 
 class ReLUConvBN(nn.Module):

@@ -106,12 +106,14 @@ def forward(pieces: list[Piece], values: dict, apply, hook=call) -> dict:
   return values
 
 
-def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, variables=True):
+def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, variables=True,
+             weightless=frozenset()):
   """The reverse of ``forward``: ``pullbacks[i]`` maps the gradients of piece ``i``'s outputs to
   those of its variables and inputs; ``grads`` holds the gradients of the chain's outputs.
   Returns ``{piece name: variable gradients}`` (None without ``variables``) and ``grads`` with
-  the gradients of the chain's inputs (summed over their readers)."""
-  program = pull if variables else pull_inputs
+  the gradients of the chain's inputs (summed over their readers). Without ``variables`` the
+  pieces ``weightless`` (indices of pieces without parameters) still run ``pull``: for them it
+  is the same program as ``pull_inputs``, so one compile serves both kinds of update."""
   first_writer = {}
   for i, piece in enumerate(pieces):
     for name in piece.outputs:
@@ -120,6 +122,7 @@ def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, varia
   for i in reversed(range(len(pieces))):
     piece = pieces[i]
     g_out = tuple(grads[name] for name in piece.outputs)
+    program = pull if variables or i in weightless else pull_inputs
     g_vars[piece.name], g_in = hook(program, pullbacks[i], g_out if len(g_out) > 1 else g_out[0])
     for name in piece.outputs:
       if first_writer[name] == i:  # every writer of the value has its gradient now

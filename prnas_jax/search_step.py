@@ -221,11 +221,14 @@ class PieceUpdate:
     """``call(program, *args, **static)`` runs each program (default: ``pieces.default_hook``)."""
     call = call or pieces.default_hook()
     images, k_drop = call(_prepare, key, batch['image'], cfg=self.cfg)
-    new_stats, pullbacks = [], []
+    new_stats, pullbacks, weightless = [], [], set()
 
     def apply(i, piece, inputs):
+      params = select(state.params, piece)
+      if not params:
+        weightless.add(i)
       out, stats, pullback = call(
-          pieces.forward_program, select(state.params, piece), select(state.batch_stats, piece),
+          pieces.forward_program, params, select(state.batch_stats, piece),
           inputs, pieces.constants(piece), skip_drop, k_drop, np.int32(i), module=piece.module,
           dropout=self.cfg.skip_dropout and piece.dropout, remat=self.net.remat)
       new_stats.append((piece, stats))
@@ -240,7 +243,7 @@ class PieceUpdate:
                                          module=self.head.module)
     alphas = bool(update_alphas)
     grads, g_inputs = pieces.backward(self.body, pullbacks, {features: g_features}, call,
-                                      variables=not alphas)
+                                      variables=not alphas, weightless=weightless)
     if alphas:
       g_weights = {k: g_inputs.get(supernet.weights_value(k)) for k in state.alphas}
       new_alphas, a_opt = call(_adam_alphas, state.alphas, state.a_opt, g_weights,
@@ -277,7 +280,8 @@ def compile_update_step(state, batch, *, net, cfg):
   """The update for these shapes and shardings, compiled ahead of time, and the seconds it took
   (0 when an earlier stage or run in this process compiled the same programs): ``update_step``
   compiled, or for the other layouts a ``PieceUpdate`` whose programs were compiled
-  by an alpha and a weight update of a zero copy of ``state``."""
+  by an alpha and a weight update of a zero copy of ``state``. The programs of ``eval_step``
+  on batches of this shape are compiled too (by one evaluation), so none compiles later."""
   key = (net, cfg, jax.tree.structure(state),
          tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
   if key in _COMPILED:
@@ -291,6 +295,8 @@ def compile_update_step(state, batch, *, net, cfg):
     jax.block_until_ready(zeros)
   else:
     update = update_step.lower(state, batch, *probe_args(), net=net, cfg=cfg).compile()
+  jax.block_until_ready(eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std,
+                                  programs=cfg.programs))
   _COMPILED[key] = update
   return update, time.perf_counter() - t0
 

@@ -173,6 +173,27 @@ def test_conv_op_forms_agree_as_modules(form):
   np.testing.assert_allclose(yg, yd, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('size,stride', [(8, 1), (8, 2), (9, 2)])
+def test_pointwise_equals_a_one_by_one_convolution(size, stride):
+  """Same kernel (shape, name, initial values), outputs and gradients as flax's 1x1 ``nn.Conv``."""
+  x = jax.random.normal(jax.random.key(6), (2, size, size, C))
+  conv = nn.Conv(5, (1, 1), strides=(stride, stride), padding='VALID', use_bias=False)
+  variables = conv.init(jax.random.key(7), x)
+  jax.tree.map(np.testing.assert_array_equal, ops.Pointwise(5, stride).init(jax.random.key(7), x),
+               variables)
+
+  def loss(variables, x, module):
+    y = module.apply(variables, x)
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, want), g_want = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables, x, conv)
+  (_, got), g_got = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      variables, x, ops.Pointwise(5, stride))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_factorized_reduce_by_hand():
   x = jax.random.normal(jax.random.key(5), (2, 8, 8, C))
   variables, y = _init_apply(Skip(), 2, x=x)

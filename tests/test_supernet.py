@@ -176,6 +176,27 @@ def test_alpha_update_skips_the_weight_gradients(tiny, stepped):
   assert 0 < flops[pieces.pull_inputs] < 0.9 * flops[pieces.pull]  # 0.83 at this size
 
 
+def test_weightless_pieces_pull_back_with_the_weight_updates_program(tiny):
+  """In an alpha update the pieces without parameters (pools, the identity skip, a cell's
+  concatenation) run ``pull``, the program their weight update compiled, and only the others
+  ``pull_inputs``."""
+  _, net, _, alphas, variables = tiny
+  update = search_step.PieceUpdate(net.clone(remat=True),  # compiled by the next test too
+                                   dataclasses.replace(CFG, programs='candidates'))
+  calls = []
+
+  def record(program, *args, **static):
+    if program in (pieces.pull, pieces.pull_inputs):
+      calls.append(program)
+    return program(*args, **static)
+  state = search_step.create_state(jax.tree.map(jnp.copy, variables),
+                                   jax.tree.map(jnp.copy, alphas), CFG)
+  update(state, _batch(1), *search_step.probe_args(True), call=record)
+  weightless = [not supernet.select(variables['params'], p) for p in update.body]
+  assert 0 < sum(weightless) < len(weightless)
+  assert calls[::-1] == [pieces.pull if w else pieces.pull_inputs for w in weightless]
+
+
 def test_piece_programs_equal_the_whole_program(tiny, stepped):
   """The chain of per-piece programs, with and without recomputation in the pullbacks, gives
   the single program's state and metrics (an alpha update, then a weight update), and the same
