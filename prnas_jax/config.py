@@ -15,7 +15,7 @@ import ml_collections
 from prnas_jax.errors import UserError
 
 # search.programs: docs/design.md, "Program layouts"
-PROGRAMS = ('auto', 'pieces', 'candidates', 'whole')
+PROGRAMS = ('auto', 'pieces', 'edges', 'candidates', 'whole')
 STAGE_KEYS = ('epochs', 'grace_epochs', 'keep', 'new', 'add_layers', 'add_width', 'skip_dropout')
 
 # Reference §5.1: the 9-stage schedule of the DL1, DL2, DR and UR searches.
@@ -77,8 +77,8 @@ def search_config() -> ml_collections.ConfigDict:
       max_skip_normal=-1,  # P-DARTS skip-connect limit on the final normal cell (-1 = off)
       dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
       remat=True,  # recompute each cell (each piece) in the backward pass: less memory
-      programs='auto',  # compiled programs: per supernet piece, per candidate, 'whole', or 'auto'
-      # (per stage: 'candidates' on a CPU when an edge has more than 4 candidates, else 'pieces')
+      programs='auto',  # compiled programs: pieces, edges, candidates, whole, or auto
+      # ('edges' on a CPU, else 'pieces')
       checkpoints_kept=2,  # the newest checkpoints kept in WORKDIR/checkpoints
   ))
   c.log_every = 50  # steps between progress lines

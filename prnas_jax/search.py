@@ -160,7 +160,7 @@ class Search:
 
   def step_config(self, i: int) -> search_step.StepConfig:
     return search_step.StepConfig.from_config(self.config.search, i, self.splits.mean,
-                                              self.splits.std, self.space)
+                                              self.splits.std)
 
   def new_state(self, i: int, net, variables, k_alpha) -> search_step.SearchState:
     """Stage ``i``'s state: ``variables``, fresh alphas and fresh optimizers."""

@@ -51,19 +51,18 @@ class StepConfig:
   crop_pad: int = 4
   cutout: int = 0
   skip_dropout: bool = False  # build the P-DARTS skip dropout (its rate is a step argument)
-  programs: str = 'pieces'  # 'pieces', 'candidates': PieceUpdate; 'whole': update_step
+  programs: str = 'pieces'  # 'pieces', 'edges', 'candidates': PieceUpdate; 'whole': update_step
 
   @classmethod
-  def from_config(cls, search, stage: int, mean, std, space: dict) -> StepConfig:
-    """The step of stage ``stage`` of the search config ``search`` (``config.search``) over
-    the search space ``space`` (kind -> ``CellSpace``), for data normalised by ``mean`` and
-    ``std``."""
+  def from_config(cls, search, stage: int, mean, std) -> StepConfig:
+    """The step of stage ``stage`` of the search config ``search`` (``config.search``), for
+    data normalised by ``mean`` and ``std``."""
     return cls(mean=tuple(mean), std=tuple(std), momentum=search.momentum,
                weight_decay=search.weight_decay, clip=search.clip, alpha_lr=search.alpha_lr,
                alpha_b1=search.alpha_b1, alpha_b2=search.alpha_b2,
                alpha_weight_decay=search.alpha_weight_decay, alpha_clip=search.alpha_clip,
                cutout=search.cutout, skip_dropout=search.stages.skip_dropout[stage] > 0,
-               programs=program_layout(search.programs, space))
+               programs=program_layout(search.programs))
 
   def weight_tx(self) -> optax.GradientTransformation:
     return sgd_tx(self.clip, self.weight_decay, self.momentum)
@@ -75,14 +74,13 @@ class StepConfig:
                        optax.adam(self.alpha_lr, b1=self.alpha_b1, b2=self.alpha_b2, eps=1e-8))
 
 
-def program_layout(programs: str, space: dict) -> str:
-  """The layout ``programs`` names; ``'auto'``: ``'candidates'`` on a CPU when some edge of
-  ``space`` has more than 4 candidates (there it compiles 3-4.6x faster, its step within 15 %
-  of ``'pieces'``), else ``'pieces'`` (docs/design.md, "Program layouts")."""
+def program_layout(programs: str) -> str:
+  """The layout ``programs`` names; ``'auto'``: ``'edges'`` on a CPU (there it compiled as fast
+  as ``'candidates'`` or faster and stepped as fast as ``'pieces'`` or faster), else
+  ``'pieces'`` (docs/design.md, "Program layouts")."""
   if programs != 'auto':
     return programs
-  most = max(len(edge) for cell in space.values() for edge in cell.active_specs())
-  return 'candidates' if jax.default_backend() == 'cpu' and most > 4 else 'pieces'
+  return 'edges' if jax.default_backend() == 'cpu' else 'pieces'
 
 
 def create_state(variables, alphas, cfg: StepConfig) -> SearchState:
@@ -206,16 +204,17 @@ def _piece_sgd(params, trace, grads, norm, lr, *, cfg):
 class PieceUpdate:
   """``update_step`` (same arguments and results, within float tolerance) as a chain of
   compiled programs: augmentation, the supernet's pieces (``Supernet.pieces``: one per stem,
-  cell preprocessing, cell nodes, or with ``cfg.programs == 'candidates'`` one per candidate,
-  shared by every edge and cell with its spec, stride and width), the head with the loss, the
-  pieces' pullbacks in reverse, then the optimizer: Adam on the alphas in one program, or SGD
-  on the weights in one program per piece (the updated arrays donated). ``update_alphas`` must be
-  concrete: an alpha update's pullbacks skip the weights' gradients, a weight update's optimizer
-  the alphas' (each pullback compiles once for each kind)."""
+  cell preprocessing, cell nodes, or with ``cfg.programs`` ``'edges'`` or ``'candidates'`` one
+  per edge or candidate, shared by every edge and cell with its candidates, stride and width),
+  the head with the loss, the pieces' pullbacks in reverse, then the optimizer: Adam on the
+  alphas in one program, or SGD on the weights in one program per piece (the updated arrays
+  donated). ``update_alphas`` must be concrete: an alpha update's pullbacks skip the weights'
+  gradients, a weight update's optimizer the alphas' (each pullback compiles once for each
+  kind)."""
 
   def __init__(self, net: supernet.Supernet, cfg: StepConfig):
     self.net, self.cfg = net, cfg
-    *self.body, self.head = net.pieces(per_candidate=cfg.programs == 'candidates')
+    *self.body, self.head = net.pieces(cfg.programs)
 
   def __call__(self, state, batch, update_alphas, lr, skip_drop, key, call=None):
     """``call(program, *args, **static)`` runs each program (default: ``pieces.default_hook``)."""
@@ -323,7 +322,7 @@ def eval_step(state: SearchState, batch, *, net: supernet.Supernet, mean, std,
   of ``programs`` (one per supernet piece, per candidate, or one for the whole supernet)."""
   if programs == 'whole':
     return _eval_whole(state, batch, net=net, mean=mean, std=std)
-  *body, head = net.pieces(per_candidate=programs == 'candidates')
+  *body, head = net.pieces(programs)
   call = pieces.default_hook()
 
   def apply(_, piece, inputs):

@@ -53,11 +53,26 @@ class MixedOp(nn.Module):
 
   @nn.compact
   def __call__(self, x, weights, train: bool, skip_drop=None):
-    out = 0.0
-    for j, spec in enumerate(self.candidates):
-      out = out + weights[j] * _run_candidate(self, spec, self.channels, self.stride,
-                                              self.dw_form, x, train, skip_drop)
-    return out
+    return _mix(self, x, weights, train, skip_drop)
+
+
+def _mix(op: MixedOp, x, weights, train: bool, skip_drop):
+  """The sum of ``op``'s candidates on ``x`` weighted by ``weights`` (modules in its scope)."""
+  out = 0.0
+  for j, spec in enumerate(op.candidates):
+    out = out + weights[j] * _run_candidate(op, spec, op.channels, op.stride, op.dw_form, x,
+                                            train, skip_drop)
+  return out
+
+
+class Edge(MixedOp):
+  """One edge as its own piece: ``MixedOp`` with row ``index[0]`` of the edge weights, traced,
+  so the edges with the same candidates, stride and width share a program across edges and
+  cells."""
+
+  @nn.compact
+  def __call__(self, x, weights, index, train: bool, skip_drop=None):
+    return _mix(self, x, weights[index[0]], train, skip_drop)
 
 
 def _run_candidate(parent: nn.Module, spec, channels, stride, dw_form, x, train, skip_drop):
@@ -171,15 +186,16 @@ class Supernet(nn.Module):
   def edge_ops(self) -> dict[str, EdgeOps]:
     return {'normal': self.normal, 'reduce': self.reduce}
 
-  def pieces(self, per_candidate: bool = False) -> list[Piece]:
+  def pieces(self, programs: str = 'pieces') -> list[Piece]:
     """The supernet as a chain of pieces over named values: ``images`` and ``weights/<kind>``
     (the edge weights of a cell type) in, ``logits`` out of the last piece, the head.
 
     ``stem``, then per cell ``cell{i}/pre`` (its inputs, ``cell{i}/s0`` and ``cell{i}/s1``) and
-    ``cell{i}/nodes`` (its output ``cell{i}``), then ``head``. ``per_candidate``: each cell's
-    nodes as one piece per candidate of every edge, ``cell{i}/edge{e}/<spec>`` (adding into
-    ``cell{i}/node{k}``), and ``cell{i}/concat``; these modules are equal for every edge and
-    cell with the same spec, stride and width."""
+    ``cell{i}/nodes`` (its output ``cell{i}``), then ``head``. With ``programs='edges'`` each
+    cell's nodes are one piece per edge, ``cell{i}/edge{e}`` (adding into ``cell{i}/node{k}``),
+    and ``cell{i}/concat``; with ``'candidates'`` one piece per candidate of every edge,
+    ``cell{i}/edge{e}/<spec>``. These modules are equal for every edge and cell with the same
+    candidates (spec), stride and width."""
     out = [Piece('stem', cells.Stem(self.stem_multiplier * self.channels, parent=None),
                  ('images',), ('stem',), keys=('stem', 'stem_bn'))]
     s0, s1 = 'stem', 'stem'
@@ -188,24 +204,33 @@ class Supernet(nn.Module):
       out.append(Piece(f'{cell}/pre', cells.CellInputs(layout, parent=None), (s0, s1),
                        (f'{cell}/s0', f'{cell}/s1'), (cell,), ('pre0', 'pre1')))
       weights = weights_value(layout.kind)
-      if not per_candidate:
+      if programs == 'pieces':
         nodes = CellNodes(edges, dataclasses.replace(layout, reduction_prev=False), self.dw_form,
                           parent=None)
         out.append(Piece(f'{cell}/nodes', nodes, (f'{cell}/s0', f'{cell}/s1', weights), (cell,),
                          (cell,), tuple(f'edge{e}' for e in range(len(edges))), dropout=True))
       else:
-        states = [f'{cell}/s0', f'{cell}/s1'] + [f'{cell}/node{k}' for k in range(NODES)]
-        for e, (node, j) in enumerate(edge_inputs()):  # node by node
-          for col, spec in enumerate(edges[e]):
-            module = Candidate(spec, layout.channels, layout.stride(j), self.dw_form,
-                               parent=None)
-            out.append(Piece(f'{cell}/edge{e}/{spec}', module, (states[j], weights),
-                             (states[2 + node],), (cell, f'edge{e}'), (str(spec),), (e, col),
-                             dropout=True))
-        out.append(Piece(f'{cell}/concat', Concat(parent=None), tuple(states[2:]), (cell,)))
+        out += _edge_pieces(cell, edges, layout, self.dw_form, weights, programs)
       s0, s1 = s1, cell
     return out + [Piece('head', cells.Head(self.num_classes, parent=None), (s1,), ('logits',),
                         keys=('head',))]
+
+
+def _edge_pieces(cell: str, edges: EdgeOps, layout: CellLayout, dw_form, weights: str,
+                 programs: str) -> list[Piece]:
+  """A cell's nodes as pieces (``Supernet.pieces``): one per edge (``programs='edges'``) or per
+  candidate of every edge, node by node, then the concatenation."""
+  states = [f'{cell}/s0', f'{cell}/s1'] + [f'{cell}/node{k}' for k in range(NODES)]
+  out = []
+  for e, (node, j) in enumerate(edge_inputs()):
+    args = (layout.channels, layout.stride(j), dw_form)
+    parts = ([(f'{cell}/edge{e}', Edge(edges[e], *args, parent=None), tuple(map(str, edges[e])),
+               (e,))] if programs == 'edges' else
+             [(f'{cell}/edge{e}/{spec}', Candidate(spec, *args, parent=None), (str(spec),), (e, col))
+              for col, spec in enumerate(edges[e])])
+    out += [Piece(name, module, (states[j], weights), (states[2 + node],), (cell, f'edge{e}'), keys,
+                  index, dropout=True) for name, module, keys, index in parts]
+  return out + [Piece(f'{cell}/concat', Concat(parent=None), tuple(states[2:]), (cell,))]
 
 
 def weights_value(kind: str) -> str:

@@ -14,8 +14,8 @@ short to start is reported as skipped, one that runs out of time with what it me
 
 Per case: build (the network and its state, placed on the devices as the runs place them),
 compile (the update as the runs compile it), the first step, time to the first step (those
-three), step (median of ``--steps`` timed steps after the first), images/s (one split's batch per
-step), memory (the device's peak where the backend reports it, else the process's peak RSS) and
+three), step (median of ``--steps`` timed steps after the first; for a search step also its
+alpha and weight halves apart), images/s (one split's batch per step), memory (the device's peak where the backend reports it, else the process's peak RSS) and
 the programs compiled (or loaded from the cache) in each phase: after the compile only small
 eager programs should compile, and no program of the update again (``recompiles``).
 ``first``: the prdarts4 start set on every edge; ``mid``: max/avg pool, conv(3,1,[]),
@@ -179,20 +179,29 @@ def _random_batches(n: int, batch: int, size: int, classes: int) -> list[dict]:
           for _ in range(n)]
 
 
+def stage_space(stage: str) -> dict:
+  """The search space of ``stage``: a name in ``STAGES`` (that set on every edge), or the path
+  of a search's ``stages/stage<i>.json`` (the space it left for stage i+1)."""
+  if stage in STAGES:
+    return space.initial_space(STAGES[stage])
+  record = json.loads(Path(stage).read_text())
+  return {kind: space.CellSpace.from_json(obj) for kind, obj in record['space'].items()}
+
+
 def search_case(config, stage: str, batch: int, steps: int, report=lambda fields: None,
                 flops: bool = False) -> dict:
-  """Times the search step (alpha update + weight update) of ``stage`` (``STAGES``) under the
-  search ``config`` (depth, width, layout, depthwise form, remat, optimizers), state and batches
-  placed as ``search.Search`` places them; returns the fields."""
+  """Times the search step (alpha update + weight update) of ``stage`` (``stage_space``) under
+  the search ``config`` (depth, width, layout, depthwise form, remat, optimizers), state and
+  batches placed as ``search.Search`` places them; returns the fields."""
   s = config.search
-  stage_space = space.initial_space(STAGES[stage])
-  cfg = search_step.StepConfig.from_config(s, 0, MEAN, STD, stage_space)
+  net_space = stage_space(stage)
+  cfg = search_step.StepConfig.from_config(s, 0, MEAN, STD)
   rec = Record(report, batch, case=f'{stage}/{cfg.programs}', stage=stage, programs=cfg.programs,
                layers=s.layers, channels=s.init_channels, dw_form=s.dw_form, remat=s.remat)
   batches = _random_batches(2 * steps + 2, batch, 32, 10)
   keys = [jax.random.key(i) for i in range(steps + 1)]
   with rec.phase('build'):
-    net = supernet.build(stage_space, layers=s.layers,
+    net = supernet.build(net_space, layers=s.layers,
                          channels=s.init_channels, dw_form=s.dw_form or None, remat=s.remat)
     k_init, k_alpha = jax.random.split(jax.random.key(config.seed))
     variables = supernet.init_variables(net, k_init, (32, 32, 3))
@@ -202,10 +211,20 @@ def search_case(config, stage: str, batch: int, steps: int, report=lambda fields
   with rec.phase('compile'):
     update, _ = search_step.compile_update_step(state, batches[0], net=net, cfg=cfg)
 
+  halves = {True: [], False: []}  # update_alphas -> seconds of each update
+
+  def timed(state, batch, update_alphas, *args):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(update(state, batch, update_alphas, *args))
+    halves[bool(update_alphas)].append(time.perf_counter() - t0)
+    return out
+
   def step(state, i):
-    return search_step.search_step(update, state, batches[2 * i], batches[2 * i + 1], True, s.lr,
+    return search_step.search_step(timed, state, batches[2 * i], batches[2 * i + 1], True, s.lr,
                                    0.0, keys[i])[0]
   state = rec.steps(step, state, steps)
+  rec.update('done', alpha_s=statistics.median(halves[True][1:]),
+             weight_s=statistics.median(halves[False][1:]))
   if flops:  # XLA's cost analysis of the whole update before optimisation (equal for every
     # layout), twice: an alpha and a weight update per step
     lowered = search_step.update_step.lower(state, batches[0], *search_step.probe_args(),
@@ -322,6 +341,7 @@ def _number(value) -> str:
 
 COLUMNS = (('build s', 'build_s'), ('compile s', 'compile_s'), ('first step s', 'first_step_s'),
            ('to first step s', 'time_to_first_step_s'), ('step s', 'step_s'),
+           ('alpha s', 'alpha_s'), ('weight s', 'weight_s'),
            ('images/s', 'images_per_s'), ('memory MiB', 'memory_mib'),
            ('compiles after warmup', 'compiles_after_warmup'), ('wall s', 'wall_s'))
 

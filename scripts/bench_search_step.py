@@ -4,7 +4,9 @@ JSON line (``compile_s``, ``step_s``, ``images_per_s``, ``peak_rss_mb`` among th
   python scripts/bench_search_step.py --config configs/dl2.py --stage first --batch 32
 
 The config's layout (``--config.search.programs``), depth and width apply; ``--steps`` timed
-steps follow the first.
+steps follow the first. ``--stage`` also takes the space a search left after a stage:
+
+  python scripts/bench_search_step.py --config configs/dl2.py --stage runs/small/stages/stage0.json
 """
 import json
 import sys
@@ -17,7 +19,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Search config file.', lock_config=True)
-_STAGE = flags.DEFINE_enum('stage', 'first', list(bench.STAGES), 'Candidate set on every edge.')
+_STAGE = flags.DEFINE_string('stage', 'first', f'{" or ".join(bench.STAGES)} (that candidate set '
+                             'on every edge), or a search\'s stages/stage<i>.json (its space for '
+                             'stage i+1).')
 
 
 def main(_):

@@ -56,6 +56,7 @@ def test_every_case_reports_every_field(suite):
   search, retrain = rows
   assert (search['stage'], search['programs'], search['dw_form']) == ('first', 'candidates',
                                                                       'shift')
+  assert 0 < search['alpha_s'] < search['step_s'] and 0 < search['weight_s'] < search['step_s']
   assert retrain['genotype'] == 'DL2' and 0 < retrain['params'] < 100_000
 
 

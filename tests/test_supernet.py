@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from prnas_jax import cells, ops, optim, pieces, search_step, space, supernet
+from prnas_jax import cells, optim, pieces, search_step, space, supernet
 from prnas_jax.config import PROGRAMS
 from prnas_jax.ops import Conv
 
@@ -210,7 +210,7 @@ def test_piece_programs_equal_the_whole_program(tiny, stepped):
                                jax.random.key(3))
   remat = net.clone(remat=True)  # each piece recomputed in its pullback
   got = [(stepped[2], stepped[4])]
-  for cfg in (CFG, dataclasses.replace(CFG, programs='candidates')):
+  for cfg in (CFG, *(dataclasses.replace(CFG, programs=p) for p in ('edges', 'candidates'))):
     state0 = search_step.create_state(jax.tree.map(jnp.copy, variables),
                                 jax.tree.map(jnp.copy, alphas), cfg)
     update, _ = search_step.compile_update_step(state0, _batch(1), net=remat, cfg=cfg)
@@ -226,15 +226,11 @@ def test_piece_programs_equal_the_whole_program(tiny, stepped):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), evals[0], other)
 
 
-def test_auto_layout_takes_candidates_on_a_cpu_for_edges_of_more_than_four():
-  """'auto' picks per stage: 'pieces' for prdarts4 (4 candidates per edge), 'candidates' once
-  an edge holds more (on the CPU, where these tests run); a named layout is kept."""
-  wide = space.initial_space((*ops.START_SETS['prdarts4'], Conv(5), Conv(3, 2)))
+def test_auto_layout_takes_edges_on_a_cpu():
+  """'auto' is 'edges' on the CPU, where these tests run; a named layout is kept."""
   assert jax.default_backend() == 'cpu'
-  layouts = {name: search_step.program_layout('auto', sp)
-             for name, sp in (('prdarts4', _space()), ('six', wide))}
-  assert layouts == {'prdarts4': 'pieces', 'six': 'candidates'}
-  assert [search_step.program_layout(p, wide) for p in ('pieces', 'whole')] == ['pieces', 'whole']
+  assert [search_step.program_layout(p) for p in PROGRAMS] == [
+      'edges', 'pieces', 'edges', 'candidates', 'whole']
 
 
 def test_cells_of_one_type_and_width_share_their_programs():
@@ -247,12 +243,18 @@ def test_cells_of_one_type_and_width_share_their_programs():
   assert len(set(m for name, m in modules.items() if name.endswith('/nodes'))) == 5
   # one Candidate per spec, stride and width over all 8 cells and 14 edges: prdarts4 (4 specs)
   # at C=4, 8, 16 with stride 1, and stride 2 into the two reduction cells
-  per_candidate = net.pieces(per_candidate=True)
+  per_candidate = net.pieces('candidates')
   # stem, head, per cell its preprocessing and concat, and a piece per candidate of each edge
   # (six normal cells lack skip on edge 0)
   assert len(per_candidate) == 2 + 8 * 2 + 6 * (14 * 4 - 1) + 2 * 14 * 4
   candidates = {p.module for p in per_candidate if isinstance(p.module, supernet.Candidate)}
   assert len(candidates) == 4 * 3 + 4 * 2
+  # one Edge per candidate list, stride and width: normal edge 0 lacks skip, reduction edges
+  # from the cell's inputs have stride 2
+  per_edge = net.pieces('edges')
+  assert len(per_edge) == 2 + 8 * 2 + 8 * 14
+  edges = {p.module for p in per_edge if isinstance(p.module, supernet.Edge)}
+  assert len(edges) == 2 * 3 + 2 * 2
 
 
 def test_weight_update_is_sgd_with_momentum(tiny):
