@@ -319,7 +319,8 @@ def search_step(update, state, weight_batch, alpha_batch, train_alpha: bool, lr,
 def eval_step(state: SearchState, batch, *, net: supernet.Supernet, mean, std,
               programs: str = 'pieces'):
   """Summed loss, correct count and count of ``batch`` in eval mode, from the compiled programs
-  of ``programs`` (one per supernet piece, per candidate, or one for the whole supernet)."""
+  of ``programs`` (one per supernet piece, per edge, per candidate, or one for the whole
+  supernet)."""
   if programs == 'whole':
     return _eval_whole(state, batch, net=net, mean=mean, std=std)
   *body, head = net.pieces(programs)

@@ -224,10 +224,12 @@ def _edge_pieces(cell: str, edges: EdgeOps, layout: CellLayout, dw_form, weights
   out = []
   for e, (node, j) in enumerate(edge_inputs()):
     args = (layout.channels, layout.stride(j), dw_form)
-    parts = ([(f'{cell}/edge{e}', Edge(edges[e], *args, parent=None), tuple(map(str, edges[e])),
-               (e,))] if programs == 'edges' else
-             [(f'{cell}/edge{e}/{spec}', Candidate(spec, *args, parent=None), (str(spec),), (e, col))
-              for col, spec in enumerate(edges[e])])
+    if programs == 'edges':
+      parts = [(f'{cell}/edge{e}', Edge(edges[e], *args, parent=None), tuple(map(str, edges[e])),
+                (e,))]
+    else:
+      parts = [(f'{cell}/edge{e}/{spec}', Candidate(spec, *args, parent=None), (str(spec),),
+                (e, col)) for col, spec in enumerate(edges[e])]
     out += [Piece(name, module, (states[j], weights), (states[2 + node],), (cell, f'edge{e}'), keys,
                   index, dropout=True) for name, module, keys, index in parts]
   return out + [Piece(f'{cell}/concat', Concat(parent=None), tuple(states[2:]), (cell,))]

@@ -15,9 +15,10 @@ short to start is reported as skipped, one that runs out of time with what it me
 Per case: build (the network and its state, placed on the devices as the runs place them),
 compile (the update as the runs compile it), the first step, time to the first step (those
 three), step (median of ``--steps`` timed steps after the first; for a search step also its
-alpha and weight halves apart), images/s (one split's batch per step), memory (the device's peak where the backend reports it, else the process's peak RSS) and
-the programs compiled (or loaded from the cache) in each phase: after the compile only small
-eager programs should compile, and no program of the update again (``recompiles``).
+alpha and weight halves apart), images/s (one split's batch per step), memory (the device's
+peak where the backend reports it, else the process's peak RSS) and the programs compiled (or
+loaded from the cache) in each phase: after the compile only small eager programs should
+compile, and no program of the update again (``recompiles``).
 ``first``: the prdarts4 start set on every edge; ``mid``: max/avg pool, conv(3,1,[]),
 conv(3,1,[1]), conv(5,1,[]), conv(3,2,[]) on every edge; images are random. Depth and width come
 from ``--search_config`` and ``--train_config`` (any key can be overridden:
