@@ -74,8 +74,8 @@ def test_budget_shares_and_skips(tmp_path):
   """Each case gets an equal share of what is left; a warm rerun follows only a cold run that
   finished; a share too short to start is a skipped row, never a missing one."""
   bench = _bench()
-  assert bench.select(['retrain', 'first']) == ['retrain', 'first/pieces', 'first/candidates',
-                                                'first/whole']
+  assert bench.select(['retrain', 'first']) == ['retrain', 'first/pieces', 'first/edges',
+                                                'first/candidates', 'first/whole']
   assert bench.select(['nothing']) == []
   now, limits = [0.0], []
   took = {('first/pieces', 'cold'): 30, ('first/pieces', 'warm'): 5, ('retrain', 'cold'): 20}
