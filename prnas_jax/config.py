@@ -16,6 +16,7 @@ from prnas_jax.errors import UserError
 
 # search.programs: docs/design.md, "Program layouts"
 PROGRAMS = ('auto', 'pieces', 'edges', 'candidates', 'whole')
+ALPHA_PULLBACKS = ('auto', 'inputs', 'full')
 STAGE_KEYS = ('epochs', 'grace_epochs', 'keep', 'new', 'add_layers', 'add_width', 'skip_dropout')
 
 # Reference §5.1: the 9-stage schedule of the DL1, DL2, DR and UR searches.
@@ -79,6 +80,8 @@ def search_config() -> ml_collections.ConfigDict:
       remat=True,  # recompute each cell (each piece) in the backward pass: less memory
       programs='auto',  # compiled programs: pieces, edges, candidates, whole, or auto
       # ('edges' on a CPU, else 'pieces')
+      alpha_pullback='auto',  # the alpha half's pullbacks: inputs (skip the weight gradients),
+      # full (the weight half's programs: one compile less per piece), or auto (per stage)
       checkpoints_kept=2,  # the newest checkpoints kept in WORKDIR/checkpoints
   ))
   c.log_every = 50  # steps between progress lines
@@ -155,6 +158,9 @@ def validate(config) -> None:
   if s.programs not in PROGRAMS:
     raise UserError(f'search.programs = {s.programs!r} is unknown: use one of '
                     f'{", ".join(PROGRAMS)}')
+  if s.alpha_pullback not in ALPHA_PULLBACKS:
+    raise UserError(f'search.alpha_pullback = {s.alpha_pullback!r} is unknown: use one of '
+                    f'{", ".join(ALPHA_PULLBACKS)}')
   if s.checkpoints_kept < 1:
     raise UserError(f'search.checkpoints_kept = {s.checkpoints_kept}: keep at least 1, the run '
                     'resumes from the newest checkpoint')

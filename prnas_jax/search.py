@@ -158,9 +158,13 @@ class Search:
                           num_classes=self.splits.num_classes, dw_form=s.dw_form or None,
                           remat=s.remat)
 
-  def step_config(self, i: int) -> search_step.StepConfig:
+  def step_config(self, i: int, net=None) -> search_step.StepConfig:
+    """Stage ``i``'s step; with its supernet ``net`` (and batch) ``search.alpha_pullback='auto'``
+    can weigh the stage's alpha updates against its programs."""
+    st = self.config.search.stages
+    alpha_steps = (st.epochs[i] - st.grace_epochs[i]) * self.steps_per_epoch(i) if net else None
     return search_step.StepConfig.from_config(self.config.search, i, self.splits.mean,
-                                              self.splits.std)
+                                              self.splits.std, net, alpha_steps)
 
   def new_state(self, i: int, net, variables, k_alpha) -> search_step.SearchState:
     """Stage ``i``'s state: ``variables``, fresh alphas and fresh optimizers."""
@@ -246,11 +250,12 @@ class Search:
     batch = lambda split, idx: parallel.shard_batch({'image': split['image'][idx],
                                                      'label': split['label'][idx]})
     if first < epochs:
-      cfg = self.step_config(i)
+      cfg = self.step_config(i, net)
       widths = {k: [len(c) for c in net.edge_ops()[k]] for k in self.space}
       log.info(f'stage {i}: {net.layers} cells, C={net.channels}, candidates per edge '
                f'normal {widths["normal"]} reduce {widths["reduce"]}; compiling '
-               f'({cfg.programs} programs)')
+               f'({cfg.programs} programs, '
+               f'{"full" if cfg.full_alpha_pullback else "inputs"} alpha pullbacks)')
       update, timing['compile_s'] = search_step.compile_update_step(
           state, batch(self.splits.weights, jnp.arange(local_batch)), net=net, cfg=cfg)
       log.info(f'stage {i}: compiled in {timing["compile_s"]:.1f} s')

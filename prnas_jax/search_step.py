@@ -52,17 +52,22 @@ class StepConfig:
   cutout: int = 0
   skip_dropout: bool = False  # build the P-DARTS skip dropout (its rate is a step argument)
   programs: str = 'pieces'  # 'pieces', 'edges', 'candidates': PieceUpdate; 'whole': update_step
+  full_alpha_pullback: bool = False  # PieceUpdate's alpha half runs the weight half's pullbacks
 
   @classmethod
-  def from_config(cls, search, stage: int, mean, std) -> StepConfig:
+  def from_config(cls, search, stage: int, mean, std, net: supernet.Supernet | None = None,
+                  alpha_steps: int | None = None) -> StepConfig:
     """The step of stage ``stage`` of the search config ``search`` (``config.search``), for
-    data normalised by ``mean`` and ``std``."""
+    data normalised by ``mean`` and ``std``; ``search.alpha_pullback='auto'`` looks at the
+    stage's supernet ``net`` and its number of alpha updates (``alpha_pullback``)."""
+    programs = program_layout(search.programs)
     return cls(mean=tuple(mean), std=tuple(std), momentum=search.momentum,
                weight_decay=search.weight_decay, clip=search.clip, alpha_lr=search.alpha_lr,
                alpha_b1=search.alpha_b1, alpha_b2=search.alpha_b2,
                alpha_weight_decay=search.alpha_weight_decay, alpha_clip=search.alpha_clip,
                cutout=search.cutout, skip_dropout=search.stages.skip_dropout[stage] > 0,
-               programs=program_layout(search.programs))
+               programs=programs, full_alpha_pullback=alpha_pullback(
+                   search.alpha_pullback, programs, net, alpha_steps) == 'full')
 
   def weight_tx(self) -> optax.GradientTransformation:
     return sgd_tx(self.clip, self.weight_decay, self.momentum)
@@ -81,6 +86,22 @@ def program_layout(programs: str) -> str:
   if programs != 'auto':
     return programs
   return 'edges' if jax.default_backend() == 'cpu' else 'pieces'
+
+
+def alpha_pullback(setting: str, programs: str, net: supernet.Supernet | None = None,
+                   alpha_steps: int | None = None) -> str:
+  """The pullbacks of a ``PieceUpdate``'s alpha half: ``'inputs'`` (programs that leave out the
+  weights' gradients: a faster alpha update, but a second compile of every piece with weights)
+  or ``'full'`` (the weight half's programs). ``'auto'``: ``'full'`` on a CPU when the stage has
+  fewer than 6 alpha updates (``alpha_steps``) per distinct piece program of ``net``, where the
+  compile it saves outweighs the slower alpha updates (docs/design.md, "Program layouts"),
+  else ``'inputs'``."""
+  if setting != 'auto':
+    return setting
+  if programs == 'whole' or net is None or alpha_steps is None or jax.default_backend() != 'cpu':
+    return 'inputs'
+  distinct = len({piece.module for piece in net.pieces(programs)[:-1]})
+  return 'full' if alpha_steps < 6 * distinct else 'inputs'
 
 
 def create_state(variables, alphas, cfg: StepConfig) -> SearchState:
@@ -242,7 +263,8 @@ class PieceUpdate:
                                          module=self.head.module)
     alphas = bool(update_alphas)
     grads, g_inputs = pieces.backward(self.body, pullbacks, {features: g_features}, call,
-                                      variables=not alphas, weightless=weightless)
+                                      variables=not alphas or self.cfg.full_alpha_pullback,
+                                      weightless=weightless)
     if alphas:
       g_weights = {k: g_inputs.get(supernet.weights_value(k)) for k in state.alphas}
       new_alphas, a_opt = call(_adam_alphas, state.alphas, state.a_opt, g_weights,

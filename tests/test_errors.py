@@ -331,6 +331,7 @@ ROWS = {
     'multi-process run outside a cluster': lambda t: _search(t, '--distributed'),
     'no checkpoint kept': lambda t: _search(t, '--config.search.checkpoints_kept=0'),
     'unknown program layout': lambda t: _raises(validate, _with(programs='cells')),
+    'unknown alpha pullback': lambda t: _raises(validate, _with(alpha_pullback='weights')),
     'automatic batch with a bad cap': lambda t: _raises(
         validate, _with(batch_size=0, max_batch_size=4)),
     'automatic batch that cannot fit': lambda t: _raises(

@@ -210,7 +210,8 @@ def test_piece_programs_equal_the_whole_program(tiny, stepped):
                                jax.random.key(3))
   remat = net.clone(remat=True)  # each piece recomputed in its pullback
   got = [(stepped[2], stepped[4])]
-  for cfg in (CFG, *(dataclasses.replace(CFG, programs=p) for p in ('edges', 'candidates'))):
+  for cfg in (CFG, *(dataclasses.replace(CFG, programs=p) for p in ('edges', 'candidates')),
+              dataclasses.replace(CFG, programs='edges', full_alpha_pullback=True)):
     state0 = search_step.create_state(jax.tree.map(jnp.copy, variables),
                                 jax.tree.map(jnp.copy, alphas), cfg)
     update, _ = search_step.compile_update_step(state0, _batch(1), net=remat, cfg=cfg)
@@ -224,6 +225,37 @@ def test_piece_programs_equal_the_whole_program(tiny, stepped):
            for p in PROGRAMS if p != 'auto']
   for other in evals[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), evals[0], other)
+
+
+def test_a_full_alpha_pullback_runs_the_weight_updates_programs(tiny, stepped):
+  """With ``full_alpha_pullback`` an alpha update pulls back with ``pull`` only, the programs
+  of the weight update (compiled by the fixture: nothing compiles again)."""
+  _, net, _, alphas, variables = tiny
+  cfg = dataclasses.replace(CFG, full_alpha_pullback=True)
+  calls = []
+
+  def record(program, *args, **static):
+    calls.append(program)
+    return program(*args, **static)
+  state = search_step.create_state(jax.tree.map(jnp.copy, variables),
+                                   jax.tree.map(jnp.copy, alphas), cfg)
+  size = pieces.pull._cache_size()
+  search_step.PieceUpdate(net, cfg)(state, _batch(1), *search_step.probe_args(True), call=record)
+  assert pieces.pull in calls and pieces.pull_inputs not in calls
+  assert pieces.pull._cache_size() == size
+
+
+def test_auto_alpha_pullback_weighs_alpha_updates_against_programs(tiny):
+  """'auto' is 'full' on a CPU below 6 alpha updates per distinct piece program, else (and
+  without the stage's supernet, or for the single program) 'inputs'; a named setting is kept."""
+  net = tiny[1]
+  distinct = len({p.module for p in net.pieces('edges')[:-1]})
+  assert 1 < distinct < len(net.pieces('edges')) - 1  # equal edges share a program
+  pullback = search_step.alpha_pullback
+  assert pullback('auto', 'edges', net, 6 * distinct - 1) == 'full'
+  assert pullback('auto', 'edges', net, 6 * distinct) == 'inputs'
+  assert pullback('auto', 'edges') == pullback('auto', 'whole', net, 1) == 'inputs'
+  assert pullback('full', 'pieces') == 'full' and pullback('inputs', 'edges', net, 1) == 'inputs'
 
 
 def test_auto_layout_takes_edges_on_a_cpu():
