@@ -161,8 +161,9 @@ class Search:
   def step_config(self, i: int, net=None) -> search_step.StepConfig:
     """Stage ``i``'s step; with its supernet ``net`` (and batch) ``search.alpha_pullback='auto'``
     can weigh the stage's alpha updates against its programs."""
-    st = self.config.search.stages
-    alpha_steps = (st.epochs[i] - st.grace_epochs[i]) * self.steps_per_epoch(i) if net else None
+    st, alpha_steps = self.config.search.stages, None
+    if net is not None:
+      alpha_steps = (st.epochs[i] - st.grace_epochs[i]) * self.steps_per_epoch(i)
     return search_step.StepConfig.from_config(self.config.search, i, self.splits.mean,
                                               self.splits.std, net, alpha_steps)
 
