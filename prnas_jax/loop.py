@@ -3,7 +3,9 @@ line, the check that every step's loss is finite, an evaluation, the epoch's log
 scalars, and a checkpoint after every epoch (docs/design.md, "Runs")."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import time
 from typing import Iterable
 
@@ -28,6 +30,18 @@ class Epochs:
   scalar_offset: int = 0  # the scalars' step of epoch e is scalar_offset + e
 
 
+@contextlib.contextmanager
+def frozen_heap():
+  """Python's cycle collector leaves the objects alive on entry alone until exit (``gc.freeze``):
+  a supernet's traced modules and compile caches (1-2 million objects at 5 cells) made every
+  full collection during the epochs scan them, 4.5 % of a small search's time."""
+  gc.freeze()
+  try:
+    yield
+  finally:
+    gc.unfreeze()
+
+
 def run(spec: Epochs, state, first: int, *, begin, evaluate, save,
         writer: metrics.Writer, progress: metrics.Progress):
   """Epochs ``first..spec.count-1`` from ``state``; returns the final state.
@@ -36,7 +50,13 @@ def run(spec: Epochs, state, first: int, *, begin, evaluate, save,
   its step ``(state, n) -> (state, metrics)`` (metrics with ``loss`` and ``accuracy``);
   ``evaluate(state)`` gives ``{'loss', 'accuracy'}``; ``save(epochs_done, state, result)``
   writes the checkpoint, after the scalars. A loss that is not finite stops the run with one
-  line, before anything of that epoch is recorded."""
+  line, before anything of that epoch is recorded. The objects alive at the start, compiled
+  programs among them, are kept out of Python's cycle collector (``frozen_heap``)."""
+  with frozen_heap():
+    return _epochs(spec, state, first, begin, evaluate, save, writer, progress)
+
+
+def _epochs(spec, state, first, begin, evaluate, save, writer, progress):
   for e in range(first, spec.count):
     rates, step = begin(e)
     where = f'{spec.label}epoch {e + 1}/{spec.count}'

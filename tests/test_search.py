@@ -1,9 +1,11 @@
 """The stage loop: config validation, pruning/morphing across a stage, derivation, and a tiny
 search end to end on the real CIFAR-10 copy."""
+import gc
 import json
 import runpy
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import jax
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from prnas_jax import config as config_lib
-from prnas_jax import checkpoint, cli, genotype, metrics, search, space
+from prnas_jax import checkpoint, cli, genotype, loop, metrics, search, space
 from prnas_jax.errors import UserError
 from prnas_jax.ops import Conv, Pool, Skip
 
@@ -263,3 +265,21 @@ def test_compile_cache_goes_to_the_user_cache(tmp_path, monkeypatch):
   finally:
     jax.config.update('jax_compilation_cache_dir', before[0])
     jax.config.update('jax_persistent_cache_min_compile_time_secs', before[1])
+
+
+
+def test_a_frozen_heap_spares_what_lived_before_until_exit_even_on_error():
+  class Node:
+    pass
+  node = Node()
+  node.self = node  # a cycle: only the cycle collector frees it
+  alive = weakref.ref(node)
+  with pytest.raises(ValueError):
+    with loop.frozen_heap():
+      del node
+      gc.collect()
+      assert alive() is not None  # frozen on entry: not collected
+      raise ValueError
+  assert gc.get_freeze_count() == 0
+  gc.collect()
+  assert alive() is None
