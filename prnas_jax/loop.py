@@ -42,6 +42,7 @@ def frozen_heap():
     gc.unfreeze()
 
 
+@frozen_heap()
 def run(spec: Epochs, state, first: int, *, begin, evaluate, save,
         writer: metrics.Writer, progress: metrics.Progress):
   """Epochs ``first..spec.count-1`` from ``state``; returns the final state.
@@ -52,11 +53,6 @@ def run(spec: Epochs, state, first: int, *, begin, evaluate, save,
   writes the checkpoint, after the scalars. A loss that is not finite stops the run with one
   line, before anything of that epoch is recorded. The objects alive at the start, compiled
   programs among them, are kept out of Python's cycle collector (``frozen_heap``)."""
-  with frozen_heap():
-    return _epochs(spec, state, first, begin, evaluate, save, writer, progress)
-
-
-def _epochs(spec, state, first, begin, evaluate, save, writer, progress):
   for e in range(first, spec.count):
     rates, step = begin(e)
     where = f'{spec.label}epoch {e + 1}/{spec.count}'

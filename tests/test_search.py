@@ -267,7 +267,6 @@ def test_compile_cache_goes_to_the_user_cache(tmp_path, monkeypatch):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', before[1])
 
 
-
 def test_a_frozen_heap_spares_what_lived_before_until_exit_even_on_error():
   class Node:
     pass
