@@ -66,43 +66,19 @@ def update_memory(state, batch, *, net, cfg) -> int:
   it) and the largest outputs plus temporaries of one program. ``state`` and ``batch`` may be
   abstract (``jax.ShapeDtypeStruct`` with shardings)."""
   if cfg.programs == 'whole':
-    m = search_step.update_step.lower(*_abstract((state, batch)), *search_step.probe_args(),
+    m = search_step.update_step.lower(*pieces.abstract((state, batch)), *search_step.probe_args(),
                                       net=net, cfg=cfg).compile().memory_analysis()
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             + m.temp_size_in_bytes)
-  lowered, calls = _walk(state, batch, net, cfg)
-  memory = {k: low.compile().memory_analysis() for k, low in lowered.items()}
-  kept = sum(memory[k].output_size_in_bytes for k, forward in calls if forward)
+  walk = pieces.Lowering()  # a weight update: it holds the gradients
+  search_step.PieceUpdate(net, cfg)(*pieces.abstract((state, batch)),
+                                    *search_step.probe_args(False), call=walk)
+  memory = {k: low.compile().memory_analysis() for k, low in walk.lowered.items()}
+  kept = sum(memory[k].output_size_in_bytes for k, forward in walk.calls if forward)
   largest = max(m.output_size_in_bytes + m.temp_size_in_bytes for m in memory.values())
-  return _device_bytes(_abstract((state, batch))) + kept + largest
+  return _device_bytes((state, batch)) + kept + largest
 
 
 def _device_bytes(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
-
-
-def _abstract(tree):
-  """``tree`` as ``jax.ShapeDtypeStruct``s with shardings."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
-
-
-def _walk(state, batch, net, cfg):
-  """The ``PieceUpdate`` chain for these shapes, walked with abstract arrays: each distinct
-  program lowered once (``{key: Lowered}``) and the key of every call in order, with whether it
-  is a piece's forward pass. (Compiling these does not fill jit's cache for the real calls.)"""
-  lowered, calls = {}, []
-
-  def call(program, *args, **static):
-    key = (program, tuple(sorted(static.items())), jax.tree.structure(args),
-           tuple((x.shape, x.dtype, getattr(x, 'sharding', None))
-                 for x in jax.tree.leaves(args)))
-    if key not in lowered:
-      lowered[key] = program.lower(*args, **static)
-    calls.append((key, program is pieces.forward_program))
-    return lowered[key].out_info
-
-  search_step.PieceUpdate(net, cfg)(*_abstract((state, batch)),  # a weight update: it holds
-                                    *search_step.probe_args(False), call=call)  # the gradients
-  return lowered, calls

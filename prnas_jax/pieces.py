@@ -130,3 +130,36 @@ def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, varia
     for name, g in reversed(list(zip(piece.inputs, g_in))):  # the last input first: the
       grads[name] = hook(add, grads[name], g) if name in grads else g  # order sums were made in
   return g_vars, grads
+
+
+class Lowering:
+  """A ``call`` hook for a chain walked with abstract arrays (``abstract``): runs no program,
+  lowers each distinct one once (``lowered``, in order), records the key of every call in order
+  with whether it is a piece's forward pass (``calls``) and returns the program's abstract
+  outputs. With ``sharding`` (one device's), the outputs of a program with a committed input are
+  committed to it, as the real calls' are, so that what compiles from ``lowered`` serves them."""
+
+  def __init__(self, sharding=None, on_lowered=lambda lowered: None):
+    self.sharding, self.on_lowered = sharding, on_lowered
+    self.lowered, self.calls = {}, []
+
+  def __call__(self, program, *args, **static):
+    leaves = jax.tree.leaves(args)
+    key = (program, tuple(sorted(static.items())), jax.tree.structure(args),
+           tuple((x.shape, x.dtype, getattr(x, 'sharding', None)) for x in leaves))
+    if key not in self.lowered:
+      self.lowered[key] = program.trace(*args, **static).lower()
+      self.on_lowered(self.lowered[key])
+    self.calls.append((key, program is forward_program))
+    out = self.lowered[key].out_info
+    if self.sharding is None or all(getattr(x, 'sharding', None) is None for x in leaves):
+      return out
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.sharding),
+                        out)
+
+
+def abstract(tree):
+  """``tree`` as ``jax.ShapeDtypeStruct``s, committed arrays with their sharding."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype,
+      sharding=getattr(x, 'sharding', None) if getattr(x, 'committed', True) else None), tree)

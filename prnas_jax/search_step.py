@@ -8,8 +8,10 @@ update. Batches arrive as uint8 images and are augmented inside jit.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import time
 from typing import Any
 
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prnas_jax import data, pieces, supernet
+from prnas_jax import data, parallel, pieces, supernet
 from prnas_jax.optim import (cross_entropy, momentum_buffer, sgd_part_update, sgd_tx,
                              with_momentum_buffer)
 from prnas_jax.supernet import merge, select
@@ -289,6 +291,28 @@ class PieceUpdate:
                                                     merge((p, t) for p, (_, t) in new)))
 
 
+def precompile(state, batch, net, cfg) -> None:
+  """Compiles the programs of an alpha and a weight update and of an evaluation of a
+  ``PieceUpdate`` in a thread pool (one thread more than the cores), while this thread traces
+  and lowers them with abstract arrays; the jitted calls then find them compiled. On one device
+  only, where the outputs' sharding is known before compiling (on several, the programs compile
+  one by one at their first call)."""
+  if jax.device_count() > 1:
+    return
+  with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0)) + 1) as pool:
+    jobs = []
+    hook = pieces.Lowering(parallel.replicated(), lambda lowered: jobs.append(pool.submit(
+        lowered.compile)))
+    state, batch = pieces.abstract((state, batch))
+    update = PieceUpdate(net, cfg)
+    for update_alphas in (True, False):
+      update(state, batch, *probe_args(update_alphas), call=hook)
+    eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std, programs=cfg.programs,
+              call=hook)
+    for job in jobs:
+      job.result()
+
+
 _COMPILED = {}
 
 
@@ -309,6 +333,7 @@ def compile_update_step(state, batch, *, net, cfg):
     return _COMPILED[key], 0.0
   t0 = time.perf_counter()
   if cfg.programs != 'whole':
+    precompile(state, batch, net, cfg)
     update = PieceUpdate(net, cfg)
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), state)
     for update_alphas in (True, False):
@@ -339,25 +364,25 @@ def search_step(update, state, weight_batch, alpha_batch, train_alpha: bool, lr,
 
 
 def eval_step(state: SearchState, batch, *, net: supernet.Supernet, mean, std,
-              programs: str = 'pieces'):
+              programs: str = 'pieces', call=None):
   """Summed loss, correct count and count of ``batch`` in eval mode, from the compiled programs
   of ``programs`` (one per supernet piece, per edge, per candidate, or one for the whole
-  supernet)."""
+  supernet); ``call`` as in ``PieceUpdate``."""
   if programs == 'whole':
     return _eval_whole(state, batch, net=net, mean=mean, std=std)
   *body, head = net.pieces(programs)
-  call = pieces.default_hook()
+  call = call or pieces.default_hook()
 
   def apply(_, piece, inputs):
     return call(pieces.eval_program, select(state.params, piece),
                 select(state.batch_stats, piece), inputs, pieces.constants(piece),
                 module=piece.module)
 
-  weights = _edge_weights(state.alphas, net=net)
+  weights = call(_edge_weights, state.alphas, net=net)
   values = pieces.forward(body, supernet.chain_inputs(
-      _normalize(batch['image'], mean=mean, std=std), weights), apply, call)
-  return _eval_head(select(state.params, head), values[head.inputs[0]], batch['label'],
-                    module=head.module)
+      call(_normalize, batch['image'], mean=mean, std=std), weights), apply, call)
+  return call(_eval_head, select(state.params, head), values[head.inputs[0]], batch['label'],
+              module=head.module)
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'mean', 'std'))

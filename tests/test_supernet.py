@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from prnas_jax import cells, optim, pieces, search_step, space, supernet
+from prnas_jax import cells, optim, parallel, pieces, search_step, space, supernet
 from prnas_jax.config import PROGRAMS
 from prnas_jax.ops import Conv
 
@@ -155,6 +155,34 @@ def test_step_compiles_once_per_program(tiny, stepped):
   search_step.search_step(update, jax.tree.map(jnp.copy, state), _batch(6), _batch(7), True, 0.01,
                     0.0, jax.random.key(8))
   assert [f._cache_size() for f in jitted] == sizes  # no piece traced or compiled again
+
+
+def test_precompiled_programs_serve_the_first_updates_and_evaluation(tiny):
+  """``precompile`` (compile_update_step's compile in a thread pool) leaves nothing to compile
+  for an alpha update, a weight update and an evaluation placed as the search places them."""
+  net = supernet.build(tiny[0], layers=2, channels=4)  # programs that no other test compiles
+  cfg = dataclasses.replace(CFG, programs='edges')
+  variables = supernet.init_variables(net, jax.random.key(1), (16, 16, 3))
+  alphas = supernet.init_alphas(jax.random.key(2), supernet.alpha_masks(net.edge_ops()))
+  state = parallel.replicate(search_step.create_state(variables, alphas, cfg))
+  batch = parallel.shard_batch(_batch(1))
+  search_step.precompile(state, batch, net, cfg)
+  args = [search_step.probe_args(update_alphas) for update_alphas in (True, False)]
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(kwargs.get('fun_name'))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    update = search_step.PieceUpdate(net, cfg)
+    for a in args:
+      state, _ = update(state, batch, *a)
+    jax.block_until_ready(search_step.eval_step(state, batch, net=net, mean=MEAN, std=STD,
+                                                programs='edges'))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiled == []
 
 
 def test_alpha_update_skips_the_weight_gradients(tiny, stepped):
