@@ -294,10 +294,13 @@ class PieceUpdate:
 def precompile(state, batch, net, cfg) -> None:
   """Compiles the programs of an alpha and a weight update and of an evaluation of a
   ``PieceUpdate`` in a thread pool (one thread more than the cores), while this thread traces
-  and lowers them with abstract arrays; the jitted calls then find them compiled. On one device
-  only, where the outputs' sharding is known before compiling (on several, the programs compile
-  one by one at their first call)."""
-  if jax.device_count() > 1:
+  and lowers them with abstract arrays; the jitted calls then find them compiled. Only where
+  ``state`` and ``batch`` are placed as the search places them, committed to the one device:
+  the outputs' sharding is then known before compiling (on several devices it is XLA's choice),
+  and uncommitted arrays lower differently from the walk's (everything would compile twice).
+  Elsewhere the programs compile one by one at their first call."""
+  if jax.device_count() > 1 or not all(getattr(x, 'committed', False)
+                                       for x in jax.tree.leaves((state, batch))):
     return
   with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0)) + 1) as pool:
     jobs = []

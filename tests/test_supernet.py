@@ -157,32 +157,43 @@ def test_step_compiles_once_per_program(tiny, stepped):
   assert [f._cache_size() for f in jitted] == sizes  # no piece traced or compiled again
 
 
+def _compiles(run):
+  """The programs that ``run()`` compiled or read from the persistent cache."""
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    if event in ('/jax/core/compile/backend_compile_duration',
+                 '/jax/compilation_cache/cache_retrieval_time_sec'):
+      compiled.append((event, kwargs.get('fun_name')))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    run()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  return compiled
+
+
 def test_precompiled_programs_serve_the_first_updates_and_evaluation(tiny):
   """``precompile`` (compile_update_step's compile in a thread pool) leaves nothing to compile
-  for an alpha update, a weight update and an evaluation placed as the search places them."""
+  or to read from the persistent cache for an alpha update, a weight update and an evaluation
+  placed as the search places them; for arrays not committed to the device it does nothing."""
   net = supernet.build(tiny[0], layers=2, channels=4)  # programs that no other test compiles
   cfg = dataclasses.replace(CFG, programs='edges')
   variables = supernet.init_variables(net, jax.random.key(1), (16, 16, 3))
   alphas = supernet.init_alphas(jax.random.key(2), supernet.alpha_masks(net.edge_ops()))
-  state = parallel.replicate(search_step.create_state(variables, alphas, cfg))
-  batch = parallel.shard_batch(_batch(1))
-  search_step.precompile(state, batch, net, cfg)
-  args = [search_step.probe_args(update_alphas) for update_alphas in (True, False)]
-  compiled = []
+  uncommitted = search_step.create_state(variables, alphas, cfg), _batch(1)
+  assert _compiles(lambda: search_step.precompile(*uncommitted, net, cfg)) == []
+  state, batch = parallel.replicate(uncommitted[0]), parallel.shard_batch(uncommitted[1])
+  assert _compiles(lambda: search_step.precompile(state, batch, net, cfg))
 
-  def listen(event, duration, **kwargs):
-    if event == '/jax/core/compile/backend_compile_duration':
-      compiled.append(kwargs.get('fun_name'))
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
+  def run():
+    s = state
     update = search_step.PieceUpdate(net, cfg)
-    for a in args:
-      state, _ = update(state, batch, *a)
-    jax.block_until_ready(search_step.eval_step(state, batch, net=net, mean=MEAN, std=STD,
+    for update_alphas in (True, False):
+      s, _ = update(s, batch, *search_step.probe_args(update_alphas))
+    jax.block_until_ready(search_step.eval_step(s, batch, net=net, mean=MEAN, std=STD,
                                                 programs='edges'))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
-  assert compiled == []
+  assert _compiles(run) == []
 
 
 def test_alpha_update_skips_the_weight_gradients(tiny, stepped):
