@@ -232,10 +232,9 @@ class Search:
     self.space = {kind: space.CellSpace.from_json(obj) for kind, obj in record['space'].items()}
     i = record['stage']
     net = self.supernet(i)
-    return jax.eval_shape(lambda k: {
-        'state': self.new_state(i, net, supernet.init_variables(net, k, self.splits.image_shape),
-                                k),
-        'key': jax.random.key_data(k)}, self.key)
+    return jax.eval_shape(lambda k, v: {'state': self.new_state(i, net, v, k),
+                                        'key': jax.random.key_data(k)},
+                          self.key, supernet.variable_shapes(net, self.splits.image_shape))
 
   def train_stage(self, i: int, net, state, first: int, timing: dict):
     """Epochs ``first..`` of stage ``i``, a checkpoint after each; returns the trained state.

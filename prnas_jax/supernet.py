@@ -15,7 +15,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from prnas_jax import cells, morph, ops
+from prnas_jax import cells, initialize, morph, ops
 from prnas_jax.cells import CellLayout
 from prnas_jax.ops import Spec
 from prnas_jax.space import CELL_TYPES, NODES, edge_inputs
@@ -287,14 +287,20 @@ def init_alphas(key, masks: Mapping[str, np.ndarray], scale: float = 1e-3) -> di
   return {k: scale * jax.random.normal(keys[k], m.shape) * m for k, m in masks.items()}
 
 
-def init_variables(net: Supernet, key, image_shape) -> dict:
-  """Freshly initialised ``params`` and ``batch_stats`` of ``net`` for images of ``image_shape``
-  (H, W, C): ``net.init``'s values, but only the initialisers run; the forward pass is traced,
-  not run (mid stage, 5 cells: 12 s and 60 small programs compiled instead of 21 s and 366)."""
+def variable_shapes(net: Supernet, image_shape) -> dict:
+  """Shapes of ``net``'s ``params`` and ``batch_stats`` for images of ``image_shape`` (H, W, C),
+  from a trace: nothing runs or compiles."""
   masks = alpha_masks(net.edge_ops())
-  weights = edge_weights(init_alphas(jax.random.key(0), masks), masks)
-  return net.lazy_init(key, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32), weights,
-                       train=False)
+  weights = jax.eval_shape(lambda: edge_weights(init_alphas(jax.random.key(0), masks), masks))
+  return jax.eval_shape(lambda k, x, w: net.init(k, x, w, train=False), jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, *image_shape), jnp.float32), weights)
+
+
+def init_variables(net: Supernet, key, image_shape) -> dict:
+  """Freshly initialised ``params`` and ``batch_stats`` of ``net`` for images of
+  ``image_shape``, drawn as ``net.init`` draws them but with nothing of the forward pass run or
+  compiled (``initialize.variables``)."""
+  return initialize.variables(variable_shapes(net, image_shape), key)
 
 
 def edge_probs(space, alphas, net: Supernet) -> dict[str, list[dict[int, float]]]:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax import (autobatch, checkpoint, cli, data, genotype, imagenet, loop, metrics,
-                       network, ops, optim, parallel, train_step)
+from prnas_jax import (autobatch, checkpoint, cli, data, genotype, imagenet, initialize, loop,
+                       metrics, network, ops, optim, parallel, train_step)
 from prnas_jax.config import validate_train
 from prnas_jax.errors import UserError
 from prnas_jax.files import write_json
@@ -60,12 +60,10 @@ def build_network(config, num_classes: int, image_shape) -> network.Network:
 
 def initial_state(net: network.Network, cfg: train_step.TrainConfig, seed: int,
                   image_shape) -> train_step.TrainState:
-  """A fresh state of ``net`` for images of ``image_shape`` (H, W, C), initialised by one
-  compiled program."""
-  # XLA's RngBitGenerator: the initialiser compiles 4x faster than with threefry keys
-  key = jax.random.key(seed, impl='unsafe_rbg')
-  init = jax.jit(lambda k, x: net.init({'params': k, 'drop_path': k}, x, train=True))
-  return train_step.create_train_state(init(key, jnp.zeros((1, *image_shape), jnp.float32)), cfg)
+  """A fresh state of ``net`` for images of ``image_shape`` (H, W, C)
+  (``initialize.variables``)."""
+  return train_step.create_train_state(initialize.variables(
+      network.variable_shapes(net, image_shape), jax.random.key(seed)), cfg)
 
 
 class InMemory:
@@ -113,7 +111,9 @@ class Training:
 
   def resume(self):
     """The newest intact checkpoint's state and record, or a fresh state and record."""
-    found = self.checkpoints.restore_newest(lambda record: jax.eval_shape(self.initial_state))
+    found = self.checkpoints.restore_newest(lambda record: jax.eval_shape(
+        lambda v: train_step.create_train_state(v, self.cfg),
+        network.variable_shapes(self.net, self.train.image_shape)))
     if found is None:
       return parallel.replicate(self.initial_state()), {'epoch': 0, 'history': [],
                                                         'scalars_lines': 0}

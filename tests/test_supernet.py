@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
-from prnas_jax import cells, optim, parallel, pieces, search_step, space, supernet
+from prnas_jax import cells, initialize, optim, parallel, pieces, search_step, space, supernet
 from prnas_jax.config import PROGRAMS
 from prnas_jax.ops import Conv
 
@@ -61,13 +62,46 @@ def test_layout_and_names(tiny):
   assert variables['params']['head']['kernel'].shape == (4 * 16, 10)
 
 
-def test_init_variables_equal_flax_init(tiny):
-  """Only the initialisers run (the forward pass is traced, not run), with ``init``'s values."""
+def test_init_variables_draw_as_flax_init(tiny):
+  """Every variable as ``net.init`` draws it, nothing of the forward pass run: the same tree,
+  constants equal, and the kernels of each shape pooled with LeCun normal's spread (that of
+  ``init``'s), truncated at two standard deviations; the same key draws the same values."""
   _, net, _, _, variables = tiny
-  lazy = supernet.init_variables(net, jax.random.key(1), (16, 16, 3))
-  assert jax.tree.structure(lazy) == jax.tree.structure(variables)
-  for a, b in zip(jax.tree.leaves(lazy), jax.tree.leaves(variables)):
-    np.testing.assert_array_equal(a, b)
+  fresh = supernet.init_variables(net, jax.random.key(1), (16, 16, 3))
+  assert jax.tree.structure(fresh) == jax.tree.structure(variables)
+  pooled = {}
+  expected = traverse_util.flatten_dict(variables)
+  for path, a in traverse_util.flatten_dict(fresh).items():
+    b = expected[path]
+    assert a.shape == b.shape and a.dtype == b.dtype, path
+    if path[-1] == 'kernel':
+      ours, theirs = pooled.setdefault(a.shape, ([], []))
+      ours.append(np.ravel(a))
+      theirs.append(np.ravel(b))
+    else:
+      np.testing.assert_array_equal(a, b, err_msg=str(path))
+  compared = 0
+  for shape, (ours, theirs) in pooled.items():
+    ours, theirs = np.concatenate(ours), np.concatenate(theirs)
+    std = 1 / np.sqrt(np.prod(shape[:-1]))  # of LeCun normal: variance 1 / fan_in
+    assert np.abs(ours).max() <= 2 * std / initialize.TRUNCATED_STD + 1e-6, shape
+    if ours.size >= 2000:
+      np.testing.assert_allclose([ours.std(), theirs.std()], std, rtol=0.06, err_msg=str(shape))
+      assert abs(ours.mean()) < 0.1 * std, shape
+      compared += 1
+  assert compared >= 3
+  again = supernet.init_variables(net, jax.random.key(1), (16, 16, 3))
+  jax.tree.map(np.testing.assert_array_equal, again, fresh)
+
+
+def test_a_variable_without_an_initialiser_rule_is_named():
+  class Odd(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param('gain', nn.initializers.ones, (1,))
+  with pytest.raises(ValueError, match='gain.*prnas_jax.initialize'):
+    initialize.variables(jax.eval_shape(Odd().init, jax.random.key(0), jnp.ones((1, 2))),
+                         jax.random.key(0))
 
 
 def test_masked_columns_get_zero_probability_and_gradient(tiny):
