@@ -3,7 +3,7 @@ shapes of an abstract ``init`` (``jax.eval_shape``), each leaf filled by the rul
 initialiser that flax's ``Conv``, ``Dense`` and ``BatchNorm`` and ``prnas_jax.ops`` declare:
 kernels LeCun normal (truncated to two standard deviations), biases and means zeros, scales and
 variances ones. All the kernels share one draw of jax's truncated normal, compiled once per
-power-of-two size (docs/design.md, "Initialisation")."""
+power-of-two size (docs/design.md, "Program layouts", time to the first step)."""
 from __future__ import annotations
 
 import functools
