@@ -1,6 +1,10 @@
 """Checkpoints of a run through orbax: a pytree of arrays plus a JSON record, under
 ``WORKDIR/checkpoints/<step>``.
 
+The arrays are written packed, one flat array per dtype, with a table of every leaf's path,
+shape and dtype beside them: orbax spends about 2 ms per array, and a search's state has
+thousands of small ones (2,365 at 5 cells: 4-5 s a save, 0.1 s packed).
+
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run
 killed while saving leaves the previous checkpoint as the latest readable one; leftover
 temporary directories are removed on the next start. A checkpoint damaged later (a truncated or
@@ -10,6 +14,7 @@ is unpickled: arrays are read as arrays into the caller's template, the record a
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -49,8 +54,10 @@ class Checkpoints:
     try:
       if self.config is not None:
         record = record | {'config': self.config}
+      packed, table = _pack(state)
       self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)
+          state=ocp.args.StandardSave(packed), table=ocp.args.JsonSave(table),
+          record=ocp.args.JsonSave(record)), force=True)
       self._manager.wait_until_finished()
     except OSError as e:
       raise UserError(f'could not write checkpoint {step} to {self.directory} ({e.strerror or e}):'
@@ -63,15 +70,22 @@ class Checkpoints:
         'record']
 
   def restore(self, step: int, template=None):
-    """``(state, record)`` of checkpoint ``step``; ``state`` as host arrays with the structure,
-    shapes and dtypes of ``template`` (arrays or ``jax.ShapeDtypeStruct``), or without one as
-    saved. The caller places them (``parallel.replicate``), exactly as a fresh state is placed,
-    so a resumed step compiles to the uninterrupted run's program."""
-    if template is not None:  # read unsharded: every process reads the whole (replicated) state
-      template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
+    """``(state, record)`` of checkpoint ``step``; ``state`` as host arrays in the structure of
+    ``template`` (arrays or ``jax.ShapeDtypeStruct``, a ValueError unless its leaves' paths,
+    shapes and dtypes are the saved ones), or without one as a dict from each leaf's path
+    (``jax.tree_util.keystr``) to its array. The caller places them (``parallel.replicate``),
+    exactly as a fresh state is placed, so a resumed step compiles to the uninterrupted run's
+    program."""
+    table = self._manager.restore(step, args=ocp.args.Composite(table=ocp.args.JsonRestore()))[
+        'table']
+    sizes = {}
+    for _, shape, dtype in table:
+      sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
     out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(template), record=ocp.args.JsonRestore()))
-    return jax.tree.map(np.asarray, out['state']), out['record']
+        state=ocp.args.StandardRestore({k: jax.ShapeDtypeStruct((n,), k) for k, n in
+                                        sizes.items()}),
+        record=ocp.args.JsonRestore()))
+    return _unpack(jax.tree.map(np.asarray, out['state']), table, template), out['record']
 
   def newest_record(self) -> dict | None:
     """The newest readable record, or None without checkpoints; a one-line UserError if none is
@@ -131,6 +145,37 @@ def recorded_config(directory) -> tuple[bool, dict | None]:
   finally:
     checkpoints.close()
   return held, record.get('config') if isinstance(record, dict) else None
+
+
+def _pack(tree) -> tuple[dict, list]:
+  """The leaves of ``tree`` (replicated arrays) on the host, concatenated into one flat array
+  per dtype, and their table: ``[path, shape, dtype]`` in order."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  host = [np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x) for _, x in leaves]
+  packed = {}
+  for x in host:
+    packed.setdefault(x.dtype.name, []).append(x.ravel())
+  return ({dtype: np.concatenate(parts) for dtype, parts in packed.items()},
+          [[jax.tree_util.keystr(path), list(x.shape), x.dtype.name]
+           for (path, _), x in zip(leaves, host)])
+
+
+def _unpack(packed: dict, table: list, template=None):
+  """The arrays that ``_pack`` made into ``packed`` and ``table``, in the structure of
+  ``template`` if given, else by path."""
+  start, arrays = dict.fromkeys(packed, 0), []
+  for _, shape, dtype in table:
+    size = math.prod(shape)
+    arrays.append(packed[dtype][start[dtype]:start[dtype] + size].reshape(shape))
+    start[dtype] += size
+  if template is None:
+    return {path: x for (path, _, _), x in zip(table, arrays)}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+  expected = [[jax.tree_util.keystr(path), list(x.shape), np.dtype(x.dtype).name]
+              for path, x in leaves]
+  if expected != table:
+    raise ValueError('its arrays are not those of the state it should resume')
+  return jax.tree.unflatten(treedef, arrays)
 
 
 def _reason(e: Exception) -> str:

@@ -164,8 +164,7 @@ def _final(workdir):
   checkpoints = checkpoint.Checkpoints(workdir / 'checkpoints', 2)
   tree, record = checkpoints.restore(checkpoints.latest(), None)
   checkpoints.close()
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(tree)}, record
+  return tree, record
 
 
 def test_same_final_weights_and_alphas(reference, killed):
@@ -213,6 +212,10 @@ DAMAGE = {
     'array data truncated': ('state/d/*', lambda p: os.truncate(p, p.stat().st_size // 2)),
     'array index truncated': ('state/manifest.ocdbt', lambda p: os.truncate(p, 10)),
     'record lost': ('record', shutil.rmtree),
+    'array table emptied': ('table/metadata', lambda p: p.write_text('')),
+    'array table lost': ('table', shutil.rmtree),
+    'array table of other shapes': ('table/metadata', lambda p: p.write_text(
+        '[["[\'w\']", [999], "float32"], ["[\'b\']", [3], "int32"]]')),
 }
 
 
@@ -248,3 +251,24 @@ def test_each_damaged_file_falls_back_to_the_checkpoint_before(damage, tmp_path)
   assert checkpoints.steps() == [1]
   checkpoints.save(2, state, record)  # the resumed run writes its step again
   checkpoints.close()
+
+
+def test_packed_arrays_restore_exactly(tmp_path):
+  """Arrays of several dtypes and shapes (scalars among them), nested in lists and dicts, come
+  back bit for bit in the template's structure, or by path without one."""
+  rng = np.random.default_rng(0)
+  tree = {'a': [rng.standard_normal((2, 3)).astype(np.float32), np.int32(7)],
+          'b': {'key': np.array([1, 2**32 - 1], np.uint32),
+                'w': rng.standard_normal(5).astype(np.float32), 'n': np.arange(4, dtype=np.int32)}}
+  checkpoints = checkpoint.Checkpoints(tmp_path, 2)
+  checkpoints.save(3, tree, {'step': 3})
+  state, record = checkpoints.restore(3, tree)
+  by_path, _ = checkpoints.restore(3)
+  checkpoints.close()
+  assert record == {'step': 3}
+  assert jax.tree.structure(state) == jax.tree.structure(tree)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(state),
+                               strict=True):
+    assert got.dtype == np.asarray(want).dtype and np.array_equal(got, want)
+    assert np.array_equal(by_path[jax.tree_util.keystr(path)], want)
+  assert len(by_path) == 5
