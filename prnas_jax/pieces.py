@@ -12,12 +12,14 @@ reverse pass. Every array operation runs inside a program, and each program runs
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prnas_jax.supernet import Piece
+if TYPE_CHECKING:
+  from prnas_jax.supernet import Piece
 
 
 def call(program, *args, **static):
@@ -86,24 +88,36 @@ def pull_inputs(pullback, g):
 
 
 @jax.jit
-def add(a, b):
-  return jax.tree.map(jnp.add, a, b)
+def add(*trees):
+  """The sum of ``trees``, added left to right (as one add after another would)."""
+  return jax.tree.map(lambda *xs: functools.reduce(jnp.add, xs), *trees)
+
+
+def _total(parts: dict, name: str, hook):
+  """The value ``name`` of ``parts`` (name -> the terms written so far), its terms summed by
+  one program if there are several."""
+  terms = parts[name]
+  if len(terms) > 1:
+    parts[name] = terms = [hook(add, *terms)]
+  return terms[0]
 
 
 def forward(pieces: list[Piece], values: dict, apply, hook=call) -> dict:
   """Runs ``pieces`` in order. ``values`` maps names to the chain's inputs; each piece reads its
-  ``inputs`` from it and adds its ``outputs`` to it (a value several pieces write is their sum,
-  added in piece order). ``apply(i, piece, inputs)`` runs piece ``i`` and returns its output, a
-  tuple if it has several. A value is dropped after its last reader; returns the rest."""
+  ``inputs`` from it and adds its ``outputs`` to it (a value several pieces write is their sum in
+  piece order, taken by one program at its first read). ``apply(i, piece, inputs)`` runs piece
+  ``i`` and returns its output, a tuple if it has several. A value is dropped after its last
+  reader; returns the rest."""
   last_read = {name: i for i, piece in enumerate(pieces) for name in piece.inputs}
+  parts = {name: [v] for name, v in values.items()}
   for i, piece in enumerate(pieces):
-    out = apply(i, piece, tuple(values[name] for name in piece.inputs))
+    out = apply(i, piece, tuple(_total(parts, name, hook) for name in piece.inputs))
     for name, y in zip(piece.outputs, out if len(piece.outputs) > 1 else (out,)):
-      values[name] = hook(add, values[name], y) if name in values else y
+      parts.setdefault(name, []).append(y)
     for name in set(piece.inputs):
       if last_read[name] == i:
-        del values[name]
-  return values
+        del parts[name]
+  return {name: _total(parts, name, hook) for name in list(parts)}
 
 
 def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, variables=True,
@@ -111,25 +125,27 @@ def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, varia
   """The reverse of ``forward``: ``pullbacks[i]`` maps the gradients of piece ``i``'s outputs to
   those of its variables and inputs; ``grads`` holds the gradients of the chain's outputs.
   Returns ``{piece name: variable gradients}`` (None without ``variables``) and ``grads`` with
-  the gradients of the chain's inputs (summed over their readers). Without ``variables`` the
-  pieces ``weightless`` (indices of pieces without parameters) still run ``pull``: for them it
-  is the same program as ``pull_inputs``, so one compile serves both kinds of update."""
+  the gradients of the chain's inputs (summed over their readers, by one program where a value
+  has several). Without ``variables`` the pieces ``weightless`` (indices of pieces without
+  parameters) still run ``pull``: for them it is the same program as ``pull_inputs``, so one
+  compile serves both kinds of update."""
   first_writer = {}
   for i, piece in enumerate(pieces):
     for name in piece.outputs:
       first_writer.setdefault(name, i)
+  parts = {name: [g] for name, g in grads.items()}
   g_vars = {}
   for i in reversed(range(len(pieces))):
     piece = pieces[i]
-    g_out = tuple(grads[name] for name in piece.outputs)
+    g_out = tuple(_total(parts, name, hook) for name in piece.outputs)
     program = pull if variables or i in weightless else pull_inputs
     g_vars[piece.name], g_in = hook(program, pullbacks[i], g_out if len(g_out) > 1 else g_out[0])
     for name in piece.outputs:
       if first_writer[name] == i:  # every writer of the value has its gradient now
-        del grads[name]
+        del parts[name]
     for name, g in reversed(list(zip(piece.inputs, g_in))):  # the last input first: the
-      grads[name] = hook(add, grads[name], g) if name in grads else g  # order sums were made in
-  return g_vars, grads
+      parts.setdefault(name, []).append(g)  # order the forward sums were made in
+  return g_vars, {name: _total(parts, name, hook) for name in list(parts)}
 
 
 class Lowering:
