@@ -7,6 +7,7 @@ supernet takes over every surviving candidate's weights by name (``carry_over``)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterable, Mapping, Sequence
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from prnas_jax import cells, initialize, morph, ops
+from prnas_jax import cells, initialize, morph, ops, pieces
 from prnas_jax.cells import CellLayout
 from prnas_jax.ops import Spec
 from prnas_jax.space import CELL_TYPES, NODES, edge_inputs
@@ -289,11 +290,30 @@ def init_alphas(key, masks: Mapping[str, np.ndarray], scale: float = 1e-3) -> di
 
 def variable_shapes(net: Supernet, image_shape) -> dict:
   """Shapes of ``net``'s ``params`` and ``batch_stats`` for images of ``image_shape`` (H, W, C),
-  from a trace: nothing runs or compiles."""
+  from traces: nothing runs or compiles. The per-candidate chain (``Supernet.pieces``) is walked
+  with abstract values, one abstract ``init`` per distinct piece (module and input shapes), so
+  the candidates of one spec, stride and width are traced once, not once per edge and cell."""
   masks = alpha_masks(net.edge_ops())
   weights = jax.eval_shape(lambda: edge_weights(init_alphas(jax.random.key(0), masks), masks))
-  return jax.eval_shape(lambda k, x, w: net.init(k, x, w, train=False), jax.random.key(0),
-                        jax.ShapeDtypeStruct((1, *image_shape), jnp.float32), weights)
+  inits, parts = {}, []
+
+  def apply(_, piece, inputs):
+    if (piece.module, inputs) not in inits:
+      inits[piece.module, inputs] = jax.eval_shape(lambda x: piece.module.init_with_output(
+          jax.random.key(0), *x, *pieces.constants(piece), train=False), inputs)
+    out, variables = inits[piece.module, inputs]
+    parts.append((piece, variables))
+    return out
+
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  *body, head = net.pieces('candidates')
+  values = pieces.forward(body, chain_inputs(images, weights), apply,
+                          lambda program, *args, **static: jax.eval_shape(
+                              functools.partial(program, **static), *args))
+  parts.append((head, jax.eval_shape(lambda x: head.module.init(jax.random.key(0), x),
+                                     values[head.inputs[0]])))
+  return {col: merge((piece, variables.get(col, {})) for piece, variables in parts)
+          for col in ('params', 'batch_stats')}
 
 
 def init_variables(net: Supernet, key, image_shape) -> dict:

@@ -94,6 +94,29 @@ def test_init_variables_draw_as_flax_init(tiny):
   jax.tree.map(np.testing.assert_array_equal, again, fresh)
 
 
+def test_variable_shapes_of_a_searched_space_are_inits(tiny):
+  """The shapes walked piece by piece are ``net.init``'s, in a space whose edges hold different
+  candidate lists (morphed ones among them), with rematerialised cells."""
+  specs = ['pool(max,3)', 'pool(avg,3)', 'skip', 'conv(k=3,d=1,mul=[])', 'conv(k=3,d=2,mul=[])',
+           'conv(k=3,d=1,mul=[1])', 'conv(k=5,d=1,mul=[])', 'conv(k=3,d=1,mul=[2])']
+  rng = np.random.default_rng(0)
+  sp = {kind: space.CellSpace.from_json({
+      'candidates': specs, 'remaining': (rng.random((14, len(specs))) < 0.4) | (
+          np.arange(len(specs)) == rng.integers(0, len(specs), (14, 1))),
+      'discovered': np.ones((14, len(specs))), 'parents': [{}] * 14, 'pending': [[]] * 14})
+      for kind in ('normal', 'reduce')}
+  net = supernet.build(sp, layers=4, channels=4, remat=True)
+  masks = supernet.alpha_masks(net.edge_ops())
+  inits = jax.eval_shape(lambda: net.init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+      supernet.edge_weights(supernet.init_alphas(jax.random.key(1), masks), masks), train=False))
+  walked = supernet.variable_shapes(net, (16, 16, 3))
+  assert jax.tree.structure(walked) == jax.tree.structure(inits)
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(walked)] == [
+      (x.shape, x.dtype) for x in jax.tree.leaves(inits)]
+  assert len({tuple(e) for e in net.normal}) > 5
+
+
 def test_a_variable_without_an_initialiser_rule_is_named():
   class Odd(nn.Module):
     @nn.compact
