@@ -25,8 +25,9 @@ def _standard(key, size: int):
 
 def variables(shapes, key) -> dict:
   """Variables of the shapes ``shapes`` (``jax.eval_shape`` of a module's ``init``) drawn from
-  ``key`` with the initialisers ``init`` uses."""
-  shapes = traverse_util.flatten_dict(shapes)
+  ``key`` with the initialisers ``init`` uses; the kernels take their part of the draw in the
+  order of their paths, whatever order built the tree."""
+  shapes = dict(sorted(traverse_util.flatten_dict(shapes).items()))
   unknown = [p for p in shapes if p[-1] not in ONES | ZEROS | {'kernel'}]
   if unknown:
     raise ValueError(f'no initialiser rule for the variable {"/".join(unknown[0])}: add one '

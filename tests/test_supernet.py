@@ -117,6 +117,17 @@ def test_variable_shapes_of_a_searched_space_are_inits(tiny):
   assert len({tuple(e) for e in net.normal}) > 5
 
 
+def test_init_draw_does_not_depend_on_the_order_of_the_tree():
+  shape = jax.ShapeDtypeStruct
+  one = {'b': {'kernel': shape((3, 4), jnp.float32)},
+         'a': {'kernel': shape((5, 2), jnp.float32), 'bias': shape((2,), jnp.float32)}}
+  other = {'a': {'bias': shape((2,), jnp.float32), 'kernel': shape((5, 2), jnp.float32)},
+           'b': {'kernel': shape((3, 4), jnp.float32)}}
+  x, y = (initialize.variables(t, jax.random.key(3)) for t in (one, other))
+  jax.tree.map(np.testing.assert_array_equal, x, y)
+  assert not np.array_equal(x['a']['kernel'].ravel()[:8], x['b']['kernel'].ravel()[:8])
+
+
 def test_a_variable_without_an_initialiser_rule_is_named():
   class Odd(nn.Module):
     @nn.compact
