@@ -7,6 +7,8 @@ when strided) and ``conv(k=K,d=D,mul=[...])``, a stack of ``len(mul)+1`` separab
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import re
@@ -223,6 +225,24 @@ def default_dw_form() -> str:
   return 'shift' if jax.default_backend() == 'cpu' else 'grouped'
 
 
+_KERNEL_GRADS = contextvars.ContextVar('kernel_grads', default=None)
+
+
+@contextlib.contextmanager
+def kernel_grads(flag):
+  """Within it, the ``shift`` depthwise and the pointwise convolutions traced compute their
+  kernels' gradients only where the traced boolean ``flag`` is true when the program runs (else
+  zeros); None computes them always. On a CPU one compiled pullback then serves the weight
+  update and, without the kernel gradients' half of its time, the alpha update
+  (docs/design.md, "Program layouts"). A conditional costs nothing there; on a GPU it would
+  copy its predicate to the host."""
+  token = _KERNEL_GRADS.set(flag)
+  try:
+    yield
+  finally:
+    _KERNEL_GRADS.reset(token)
+
+
 def depthwise_conv(x, kernel, *, stride=1, dilation=1, form=None):
   """Depthwise KxK convolution with symmetric padding ``(K-1)*d//2``.
 
@@ -235,7 +255,7 @@ def depthwise_conv(x, kernel, *, stride=1, dilation=1, form=None):
   k, c = kernel.shape[0], kernel.shape[-1]
   p = (k - 1) * dilation // 2
   if form == 'shift':
-    return shift_depthwise(x, kernel, stride, dilation)
+    return shift_depthwise(x, kernel, _KERNEL_GRADS.get(), stride, dilation)
   if form == 'grouped':
     rhs, groups = kernel, c
   elif form == 'dense':
@@ -259,9 +279,10 @@ def _taps(xp, k, dilation, stride, size, offset=lambda i: i):
                                c), (1, stride, stride, 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def shift_depthwise(x, kernel, stride, dilation):
-  """Depthwise convolution as K*K shifted slices times their tap, elementwise work only.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def shift_depthwise(x, kernel, kernel_grad, stride, dilation):
+  """Depthwise convolution as K*K shifted slices times their tap, elementwise work only; the
+  kernel's gradient is zero where ``kernel_grad`` is false (``kernel_grads``).
 
   Its hand-written backward pass is made of the same slices (the input gradient is the
   flipped-kernel convolution of the zero-interleaved output gradient, the kernel gradient one
@@ -269,16 +290,16 @@ def shift_depthwise(x, kernel, stride, dilation):
   Optimisation barriers around the padded inputs and the results keep XLA from fusing the
   producers into every tap and the taps into every consumer (each would then be recomputed).
   """
-  return _shift_forward(x, kernel, stride, dilation)[0]
+  return _shift_forward(x, kernel, kernel_grad, stride, dilation)[0]
 
 
-def _shift_forward(x, kernel, stride, dilation):
+def _shift_forward(x, kernel, kernel_grad, stride, dilation):
   k = kernel.shape[0]
   p = (k - 1) * dilation // 2
   xp = jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))))
   size = tuple((n + 2 * p - dilation * (k - 1) - 1) // stride + 1 for n in x.shape[1:3])
   out = sum(tap * kernel[i, j, 0] for (i, j), tap in _taps(xp, k, dilation, stride, size))
-  return jax.lax.optimization_barrier(out), (xp, kernel)
+  return jax.lax.optimization_barrier(out), (xp, kernel, kernel_grad)
 
 
 def _interleave(g, stride, span, size, fill=0.0):
@@ -291,12 +312,19 @@ def _interleave(g, stride, span, size, fill=0.0):
 
 
 def _shift_backward(stride, dilation, residuals, g):
-  xp, kernel = residuals
+  xp, kernel, kernel_grad = residuals
   k = kernel.shape[0]
   p = (k - 1) * dilation // 2
   size = (xp.shape[1] - 2 * p, xp.shape[2] - 2 * p)
   dx = _taps_transposed(g, k, dilation, stride, size, lambda i, j: kernel[i, j, 0])
-  return dx, _kernel_grad(xp, g, k, dilation, stride).reshape(kernel.shape)
+  dk = _gated(kernel_grad, lambda: _kernel_grad(xp, g, k, dilation, stride).reshape(kernel.shape),
+              kernel)
+  return dx, dk, None
+
+
+def _gated(flag, grad, like):
+  """``grad()``, or zeros like ``like`` where the traced ``flag`` is false (None: always)."""
+  return grad() if flag is None else jax.lax.cond(flag, grad, lambda: jnp.zeros_like(like))
 
 
 def _taps_transposed(g, k, dilation, stride, size, weight):
@@ -357,8 +385,23 @@ class Pointwise(nn.Module):
                         (1, 1, x.shape[-1], self.features))
     x = x[:, ::self.stride, ::self.stride]
     n, h, w, c = x.shape
-    return (x.reshape(n * h * w, c) @ kernel.reshape(c, self.features)).reshape(
+    x, kernel, flag = x.reshape(n * h * w, c), kernel.reshape(c, self.features), _KERNEL_GRADS.get()
+    return (x @ kernel if flag is None else matmul(x, kernel, flag)).reshape(
         n, h, w, self.features)
+
+
+@jax.custom_vjp
+def matmul(x, w, w_grad):
+  """``x @ w``; ``w``'s gradient is zero where ``w_grad`` is false (``kernel_grads``)."""
+  return x @ w
+
+
+def _matmul_backward(residuals, g):
+  x, w, w_grad = residuals
+  return g @ w.T, _gated(w_grad, lambda: x.T @ g, w), None
+
+
+matmul.defvjp(lambda x, w, w_grad: (x @ w, (x, w, w_grad)), _matmul_backward)
 
 
 def pointwise(features: int, stride: int = 1, name: str = 'pw') -> Pointwise:

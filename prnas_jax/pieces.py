@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prnas_jax import ops
+
 if TYPE_CHECKING:
   from prnas_jax.supernet import Piece
 
@@ -49,19 +51,21 @@ def constants(piece: Piece) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnames=('module', 'dropout', 'remat'))
-def forward_program(params, stats, inputs, consts, skip_drop, key, index, *, module,
-                    dropout: bool, remat: bool):
+def forward_program(params, stats, inputs, consts, skip_drop, key, index, kernel_grads, *,
+                    module, dropout: bool, remat: bool):
   """``module`` in training mode on ``inputs`` (dropout key: ``key`` folded with the piece's
   ``index``): its output, new BatchNorm statistics and the pullback from the output's gradient
-  to those of ``params`` and ``inputs``. With ``remat`` the pullback keeps only the inputs and
-  recomputes the forward pass (on the CPU less memory and a faster step: XLA fuses the
-  recomputation into the backward pass instead of reading stored intermediates)."""
+  to those of ``params`` and ``inputs``, the convolutions' kernel gradients zero where the
+  boolean ``kernel_grads`` is false (None: never; ``ops.kernel_grads``). With ``remat`` the pullback keeps only the
+  inputs and recomputes the forward pass (on the CPU less memory and a faster step: XLA fuses
+  the recomputation into the backward pass instead of reading stored intermediates)."""
   extra = {'skip_drop': skip_drop} if dropout else {}
 
   def fn(params, inputs):
-    out, new = module.apply({'params': params, 'batch_stats': stats}, *inputs, *consts,
-                            train=True, mutable=['batch_stats'],
-                            rngs={'dropout': jax.random.fold_in(key, index)}, **extra)
+    with ops.kernel_grads(kernel_grads):
+      out, new = module.apply({'params': params, 'batch_stats': stats}, *inputs, *consts,
+                              train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.fold_in(key, index)}, **extra)
     return out, new['batch_stats']
 
   out, pullback, new_stats = jax.vjp(jax.checkpoint(fn) if remat else fn, params, inputs,

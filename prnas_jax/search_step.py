@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prnas_jax import data, parallel, pieces, supernet
+from prnas_jax import data, ops, parallel, pieces, supernet
 from prnas_jax.optim import (cross_entropy, momentum_buffer, sgd_part_update, sgd_tx,
                              with_momentum_buffer)
 from prnas_jax.supernet import merge, select
@@ -90,20 +90,25 @@ def program_layout(programs: str) -> str:
   return 'edges' if jax.default_backend() == 'cpu' else 'pieces'
 
 
+# 'auto' takes 'full' on a CPU below this many alpha updates per distinct piece program.
+FULL_PULLBACK_BELOW = 30
+
+
 def alpha_pullback(setting: str, programs: str, net: supernet.Supernet | None = None,
                    alpha_steps: int | None = None) -> str:
   """The pullbacks of a ``PieceUpdate``'s alpha half: ``'inputs'`` (programs that leave out the
-  weights' gradients: a faster alpha update, but a second compile of every piece with weights)
-  or ``'full'`` (the weight half's programs). ``'auto'``: ``'full'`` on a CPU when the stage has
-  fewer than 6 alpha updates (``alpha_steps``) per distinct piece program of ``net``, where the
-  compile it saves outweighs the slower alpha updates (docs/design.md, "Program layouts"),
-  else ``'inputs'``."""
+  weights' gradients, compiled a second time for every piece with weights) or ``'full'`` (the
+  weight half's programs, their kernel gradients switched off at run time:
+  ``ops.kernel_grads``). ``'auto'``: ``'full'`` on a CPU when the stage has fewer than
+  ``FULL_PULLBACK_BELOW`` alpha updates (``alpha_steps``) per distinct piece program of ``net``,
+  where the compile it saves outweighs alpha updates 3-4 % slower (docs/design.md, "Program
+  layouts"), else ``'inputs'``."""
   if setting != 'auto':
     return setting
   if programs == 'whole' or net is None or alpha_steps is None or jax.default_backend() != 'cpu':
     return 'inputs'
   distinct = len({piece.module for piece in net.pieces(programs)[:-1]})
-  return 'full' if alpha_steps < 6 * distinct else 'inputs'
+  return 'full' if alpha_steps < FULL_PULLBACK_BELOW * distinct else 'inputs'
 
 
 def create_state(variables, alphas, cfg: StepConfig) -> SearchState:
@@ -128,16 +133,19 @@ def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
   Both gradients come from the same pass, so one compiled program serves the alpha and the
   weight half of a search step (about half the compile time of two programs; the alpha half
   also computes the unused weight gradients, as the reference does, where ``PieceUpdate``
-  skips them). ``state`` is donated.
+  skips them; on a CPU it skips the convolutions' kernel gradients, ``ops.kernel_grads``).
+  ``state`` is donated.
   """
   images, k_drop = _augment(key, batch['image'], cfg)
   masks = _masks(net)
 
   def loss_fn(params, alphas):
-    logits, new = net.apply({'params': params, 'batch_stats': state.batch_stats}, images,
-                            supernet.edge_weights(alphas, masks), train=True,
-                            skip_drop=skip_drop if cfg.skip_dropout else None,
-                            mutable=['batch_stats'], rngs={'dropout': k_drop})
+    with ops.kernel_grads(jnp.logical_not(update_alphas) if jax.default_backend() == 'cpu'
+                          else None):
+      logits, new = net.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                              supernet.edge_weights(alphas, masks), train=True,
+                              skip_drop=skip_drop if cfg.skip_dropout else None,
+                              mutable=['batch_stats'], rngs={'dropout': k_drop})
     return cross_entropy(logits, batch['label']), (new['batch_stats'], logits)
 
   (loss, (stats, logits)), (g_params, g_alphas) = jax.value_and_grad(
@@ -242,6 +250,7 @@ class PieceUpdate:
   def __call__(self, state, batch, update_alphas, lr, skip_drop, key, call=None):
     """``call(program, *args, **static)`` runs each program (default: ``pieces.default_hook``)."""
     call = call or pieces.default_hook()
+    alphas = bool(update_alphas)
     images, k_drop = call(_prepare, key, batch['image'], cfg=self.cfg)
     new_stats, pullbacks, weightless = [], [], set()
 
@@ -251,7 +260,8 @@ class PieceUpdate:
         weightless.add(i)
       out, stats, pullback = call(
           pieces.forward_program, params, select(state.batch_stats, piece),
-          inputs, pieces.constants(piece), skip_drop, k_drop, np.int32(i), module=piece.module,
+          inputs, pieces.constants(piece), skip_drop, k_drop, np.int32(i),
+          np.bool_(not alphas) if self.cfg.full_alpha_pullback else None, module=piece.module,
           dropout=self.cfg.skip_dropout and piece.dropout, remat=self.net.remat)
       new_stats.append((piece, stats))
       pullbacks.append(pullback)
@@ -263,7 +273,6 @@ class PieceUpdate:
     metrics, (g_head, g_features) = call(_head_loss, select(state.params, self.head),
                                          values[features], batch['label'],
                                          module=self.head.module)
-    alphas = bool(update_alphas)
     grads, g_inputs = pieces.backward(self.body, pullbacks, {features: g_features}, call,
                                       variables=not alphas or self.cfg.full_alpha_pullback,
                                       weightless=weightless)

@@ -158,6 +158,35 @@ def test_depthwise_forms_agree(k, d, stride):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_kernel_grads_flag_zeroes_only_the_kernel_gradients_at_run_time():
+  """One program, the flag its argument: false gives zero kernel gradients (depthwise and
+  pointwise) and the same input gradient; true the gradients without the flag."""
+  x = jax.random.normal(jax.random.key(5), (2, 7, 7, C))
+  unit = ops.SepUnit(2 * C, 3, stride=2, dw_form='shift')
+  variables = unit.init(jax.random.key(6), x, train=True)
+
+  def loss(params, x):
+    y, _ = unit.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(y))
+
+  @jax.jit
+  def grads(params, x, flag):
+    with ops.kernel_grads(flag):
+      return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  want = jax.grad(loss, argnums=(0, 1))(variables['params'], x)
+  on, off = (grads(variables['params'], x, np.bool_(flag)) for flag in (True, False))
+  assert grads._cache_size() == 1
+  assert set(want[0]) == {'dw', 'pw'}
+  for name in want[0]:
+    kernel = want[0][name]['kernel']
+    assert np.abs(kernel).max() > 0.01
+    np.testing.assert_allclose(on[0][name]['kernel'], kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(off[0][name]['kernel'], np.zeros_like(kernel))
+  for g in (on[1], off[1]):
+    np.testing.assert_allclose(g, want[1], rtol=1e-5, atol=1e-6)
+
+
 def test_default_form_follows_backend():
   assert ops.default_dw_form() == ('shift' if jax.default_backend() == 'cpu' else 'grouped')
   with pytest.raises(UserError, match='unknown depthwise form'):

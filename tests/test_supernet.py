@@ -336,31 +336,38 @@ def test_piece_programs_equal_the_whole_program(tiny, stepped):
 
 def test_a_full_alpha_pullback_runs_the_weight_updates_programs(tiny, stepped):
   """With ``full_alpha_pullback`` an alpha update pulls back with ``pull`` only, the programs
-  of the weight update (compiled by the fixture: nothing compiles again)."""
+  of the weight update (nothing compiles again), its kernel gradients switched off."""
   _, net, _, alphas, variables = tiny
-  cfg = dataclasses.replace(CFG, full_alpha_pullback=True)
+  cfg = dataclasses.replace(CFG, programs='edges', full_alpha_pullback=True)
+  net = net.clone(remat=True)  # as test_piece_programs_equal_the_whole_program compiled it
   calls = []
 
   def record(program, *args, **static):
-    calls.append(program)
+    calls.append((program, args))
     return program(*args, **static)
   state = search_step.create_state(jax.tree.map(jnp.copy, variables),
                                    jax.tree.map(jnp.copy, alphas), cfg)
-  size = pieces.pull._cache_size()
-  search_step.PieceUpdate(net, cfg)(state, _batch(1), *search_step.probe_args(True), call=record)
-  assert pieces.pull in calls and pieces.pull_inputs not in calls
-  assert pieces.pull._cache_size() == size
+  update = search_step.PieceUpdate(net, cfg)
+  state, _ = update(state, _batch(1), *search_step.probe_args(False))
+  sizes = [p._cache_size() for p in (pieces.forward_program, pieces.pull)]
+  update(state, _batch(1), *search_step.probe_args(True), call=record)
+  programs = [program for program, _ in calls]
+  assert pieces.pull in programs and pieces.pull_inputs not in programs
+  assert [p._cache_size() for p in (pieces.forward_program, pieces.pull)] == sizes
+  flags = [args[7] for program, args in calls if program is pieces.forward_program]
+  assert flags and not any(flags)
 
 
 def test_auto_alpha_pullback_weighs_alpha_updates_against_programs(tiny):
-  """'auto' is 'full' on a CPU below 6 alpha updates per distinct piece program, else (and
-  without the stage's supernet, or for the single program) 'inputs'; a named setting is kept."""
+  """'auto' is 'full' on a CPU below ``FULL_PULLBACK_BELOW`` alpha updates per distinct piece
+  program, else (and without the stage's supernet, or for the single program) 'inputs'; a named
+  setting is kept."""
   net = tiny[1]
   distinct = len({p.module for p in net.pieces('edges')[:-1]})
   assert 1 < distinct < len(net.pieces('edges')) - 1  # equal edges share a program
-  pullback = search_step.alpha_pullback
-  assert pullback('auto', 'edges', net, 6 * distinct - 1) == 'full'
-  assert pullback('auto', 'edges', net, 6 * distinct) == 'inputs'
+  pullback, below = search_step.alpha_pullback, search_step.FULL_PULLBACK_BELOW
+  assert pullback('auto', 'edges', net, below * distinct - 1) == 'full'
+  assert pullback('auto', 'edges', net, below * distinct) == 'inputs'
   assert pullback('auto', 'edges') == pullback('auto', 'whole', net, 1) == 'inputs'
   assert pullback('full', 'pieces') == 'full' and pullback('inputs', 'edges', net, 1) == 'inputs'
 
