@@ -385,13 +385,14 @@ class Pointwise(nn.Module):
                         (1, 1, x.shape[-1], self.features))
     x = x[:, ::self.stride, ::self.stride]
     n, h, w, c = x.shape
-    x, kernel, flag = x.reshape(n * h * w, c), kernel.reshape(c, self.features), _KERNEL_GRADS.get()
-    return (x @ kernel if flag is None else matmul(x, kernel, flag)).reshape(
+    x, kernel = x.reshape(n * h * w, c), kernel.reshape(c, self.features)
+    flag = _KERNEL_GRADS.get()
+    return (x @ kernel if flag is None else _gated_matmul(x, kernel, flag)).reshape(
         n, h, w, self.features)
 
 
 @jax.custom_vjp
-def matmul(x, w, w_grad):
+def _gated_matmul(x, w, w_grad):
   """``x @ w``; ``w``'s gradient is zero where ``w_grad`` is false (``kernel_grads``)."""
   return x @ w
 
@@ -401,7 +402,7 @@ def _matmul_backward(residuals, g):
   return g @ w.T, _gated(w_grad, lambda: x.T @ g, w), None
 
 
-matmul.defvjp(lambda x, w, w_grad: (x @ w, (x, w, w_grad)), _matmul_backward)
+_gated_matmul.defvjp(lambda x, w, w_grad: (x @ w, (x, w, w_grad)), _matmul_backward)
 
 
 def pointwise(features: int, stride: int = 1, name: str = 'pw') -> Pointwise:

@@ -56,9 +56,10 @@ def forward_program(params, stats, inputs, consts, skip_drop, key, index, kernel
   """``module`` in training mode on ``inputs`` (dropout key: ``key`` folded with the piece's
   ``index``): its output, new BatchNorm statistics and the pullback from the output's gradient
   to those of ``params`` and ``inputs``, the convolutions' kernel gradients zero where the
-  boolean ``kernel_grads`` is false (None: never; ``ops.kernel_grads``). With ``remat`` the pullback keeps only the
-  inputs and recomputes the forward pass (on the CPU less memory and a faster step: XLA fuses
-  the recomputation into the backward pass instead of reading stored intermediates)."""
+  boolean ``kernel_grads`` is false (None: always computed; ``ops.kernel_grads``). With
+  ``remat`` the pullback keeps only the inputs and recomputes the forward pass (on the CPU
+  less memory and a faster step: XLA fuses the recomputation into the backward pass instead of
+  reading stored intermediates)."""
   extra = {'skip_drop': skip_drop} if dropout else {}
 
   def fn(params, inputs):

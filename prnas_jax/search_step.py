@@ -140,8 +140,7 @@ def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
   masks = _masks(net)
 
   def loss_fn(params, alphas):
-    with ops.kernel_grads(jnp.logical_not(update_alphas) if jax.default_backend() == 'cpu'
-                          else None):
+    with ops.kernel_grads(_kernel_grads_flag(jnp.logical_not(update_alphas))):
       logits, new = net.apply({'params': params, 'batch_stats': state.batch_stats}, images,
                               supernet.edge_weights(alphas, masks), train=True,
                               skip_drop=skip_drop if cfg.skip_dropout else None,
@@ -152,6 +151,12 @@ def update_step(state: SearchState, batch, update_alphas, lr, skip_drop, key, *,
       loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.alphas)
   new_state = _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks, cfg)
   return new_state, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+
+
+def _kernel_grads_flag(weight_update):
+  """The flag of ``ops.kernel_grads`` for an update: ``weight_update`` on a CPU, else None (the
+  kernel gradients always computed: on a GPU a conditional copies its predicate to the host)."""
+  return weight_update if jax.default_backend() == 'cpu' else None
 
 
 def _apply_gradients(state, g_params, g_alphas, stats, update_alphas, lr, masks, cfg):
@@ -261,7 +266,8 @@ class PieceUpdate:
       out, stats, pullback = call(
           pieces.forward_program, params, select(state.batch_stats, piece),
           inputs, pieces.constants(piece), skip_drop, k_drop, np.int32(i),
-          np.bool_(not alphas) if self.cfg.full_alpha_pullback else None, module=piece.module,
+          _kernel_grads_flag(np.bool_(not alphas)) if self.cfg.full_alpha_pullback else None,
+          module=piece.module,
           dropout=self.cfg.skip_dropout and piece.dropout, remat=self.net.remat)
       new_stats.append((piece, stats))
       pullbacks.append(pullback)
