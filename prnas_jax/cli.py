@@ -1,9 +1,10 @@
 """Entry-point plumbing shared by ``search``, ``train``, ``visualize`` and ``report``: flags
 parsed with one-line errors for bad overrides and config files, positional arguments counted,
 UserErrors reported as one line instead of a traceback, output folders checked, the workdir
-claim, and joining a multi-process run."""
+claim, joining a multi-process run, and the XLA flags chosen for the CPU."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -101,11 +102,33 @@ def _bad_value(text: str) -> str:
   return f'--{m.group(1)}={m.group(2)} is not {kind}: give {kind}, e.g. --{m.group(1)}={value}'
 
 
+# XLA:CPU's flags chosen by measurement (docs/design.md, "XLA:CPU flags"), set for the jaxlib
+# releases they were measured with: XLA aborts on a flag that its release does not know.
+CPU_XLA_FLAGS = ('--xla_cpu_use_fusion_emitters=false',)
+_CPU_FLAGS_JAXLIB = ('0.10.',)
+
+
+def set_xla_flags(environ=os.environ) -> None:
+  """Appends each of ``CPU_XLA_FLAGS`` that ``XLA_FLAGS`` does not name already (a user's
+  choice stays) where the installed jaxlib is one they were measured with. XLA reads
+  ``XLA_FLAGS`` when JAX starts its backends, so an entry point calls this first. The flags
+  concern XLA's CPU compiler only; programs for a GPU or TPU compile as without them."""
+  if not importlib.metadata.version('jaxlib').startswith(_CPU_FLAGS_JAXLIB):
+    return
+  given = environ.get('XLA_FLAGS', '')
+  new = [f for f in CPU_XLA_FLAGS if f.split('=')[0] not in given]
+  if new:
+    environ['XLA_FLAGS'] = ' '.join([given, *new]).strip()
+
+
 def run(main, args: tuple[str, ...] = ()) -> None:
-  """``absl.app.run(main)`` with one-line errors for bad flags and for ``UserError``.
+  """``absl.app.run(main)`` with one-line errors for bad flags and for ``UserError``, after
+  ``set_xla_flags``.
 
   ``args`` names the positional arguments (e.g. ``('WORKDIR',)``); ``main`` gets them in order.
   """
+  set_xla_flags()
+
   def guarded(argv):
     logging.set_verbosity(logging.ERROR)  # orbax: INFO lines per checkpoint; tfds: WARNINGs
     given = argv[1:]

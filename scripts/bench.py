@@ -405,4 +405,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.set_xla_flags()  # as the entry points set them
   app.run(main)

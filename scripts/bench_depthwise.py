@@ -12,7 +12,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from prnas_jax import ops  # noqa: E402
+from prnas_jax import cli, ops  # noqa: E402
 
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
 _SIZE = flags.DEFINE_integer('size', 32, 'Height and width.')
@@ -47,4 +47,5 @@ def main(_):
 
 
 if __name__ == '__main__':
+  cli.set_xla_flags()
   app.run(main)

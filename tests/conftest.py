@@ -1,6 +1,6 @@
-"""Test-wide settings: CPU only, full-precision float32 matmuls, and XLA's fast-compile mode
-(compile time dominates tiny test networks; tests that need fast steps turn it back on), no
-downloads, and a check that a written picture is plausible."""
+"""Test-wide settings: CPU only, the entry points' XLA flags, full-precision float32 matmuls, and
+XLA's fast-compile mode (compile time dominates tiny test networks; tests that need fast steps
+turn it back on), no downloads, and a check that a written picture is plausible."""
 import os
 import subprocess
 from pathlib import Path
@@ -12,8 +12,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from prnas_jax import cifar  # noqa: E402
+from prnas_jax import cifar, cli  # noqa: E402
 
+cli.set_xla_flags()  # before JAX starts its backends, as the entry points do
 jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_disable_most_optimizations', True)
 

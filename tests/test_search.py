@@ -1,6 +1,7 @@
 """The stage loop: config validation, pruning/morphing across a stage, derivation, and a tiny
 search end to end on the real CIFAR-10 copy."""
 import gc
+import os
 import json
 import runpy
 import subprocess
@@ -265,6 +266,29 @@ def test_compile_cache_goes_to_the_user_cache(tmp_path, monkeypatch):
   finally:
     jax.config.update('jax_compilation_cache_dir', before[0])
     jax.config.update('jax_persistent_cache_min_compile_time_secs', before[1])
+
+
+def test_entry_points_set_the_cpu_xla_flags(monkeypatch):
+  """``cli.set_xla_flags`` adds the flags measured on XLA:CPU to XLA_FLAGS once, for the jaxlib
+  release they were measured with; a user's own value of a flag stays, and another release gets
+  none (XLA aborts on a flag it does not know). The suite runs with them, as users do."""
+  monkeypatch.setattr(cli.importlib.metadata, 'version', lambda name: '0.10.2')
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  cli.set_xla_flags(env)
+  cli.set_xla_flags(env)
+  assert env == {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
+                              '--xla_cpu_use_fusion_emitters=false'}
+  mine = {'XLA_FLAGS': '--xla_cpu_use_fusion_emitters=true'}
+  cli.set_xla_flags(mine)
+  assert mine == {'XLA_FLAGS': '--xla_cpu_use_fusion_emitters=true'}
+  unset = {}
+  cli.set_xla_flags(unset)
+  assert unset == {'XLA_FLAGS': '--xla_cpu_use_fusion_emitters=false'}
+  monkeypatch.setattr(cli.importlib.metadata, 'version', lambda name: '0.11.2')
+  other = {}
+  cli.set_xla_flags(other)
+  assert other == {}
+  assert all(f in os.environ['XLA_FLAGS'].split() for f in cli.CPU_XLA_FLAGS)
 
 
 def test_a_frozen_heap_spares_what_lived_before_until_exit_even_on_error():
