@@ -1,8 +1,8 @@
 """The stage loop: config validation, pruning/morphing across a stage, derivation, and a tiny
 search end to end on the real CIFAR-10 copy."""
 import gc
-import os
 import json
+import os
 import runpy
 import subprocess
 import sys
