@@ -27,6 +27,7 @@ from ``--search_config`` and ``--train_config`` (any key can be overridden:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -79,6 +80,9 @@ _BUDGET = flags.DEFINE_float('budget_s', 0, 'Seconds for the whole suite (0: no 
 _TIMEOUT = flags.DEFINE_float('timeout_s', 600, 'Seconds for one case at most.')
 _COMPILE_CACHE = flags.DEFINE_bool('compile_cache', False, 'Rerun every case with the persistent '
                                    'compilation cache its first run filled.')
+_JOBS = flags.DEFINE_integer('jobs', 1, 'Cold runs at a time (> 1: all cold runs first, in '
+                             'half the budget; then the warm reruns, one at a time).',
+                             lower_bound=1)
 _FLOPS = flags.DEFINE_bool('flops', False, 'Also XLA\'s FLOP count of a step and the FLOP/s.')
 _OUT = flags.DEFINE_string('out', 'runs/bench.json', 'The JSON file; the table goes beside it '
                            '(.md).')
@@ -297,30 +301,42 @@ def run_child(case: str, argv, limit: float, cache_dir: Path, result: Path) -> d
 
 
 def run_suite(cases, argv, budget_s: float, timeout_s: float, compile_cache: bool,
-              workdir: Path, run=run_child, clock=time.perf_counter) -> list[dict]:
+              workdir: Path, run=run_child, clock=time.perf_counter, jobs: int = 1) -> list[dict]:
   """Runs ``cases`` (each cold, then warm with ``compile_cache``) through ``run`` within
-  ``budget_s`` seconds (0: no limit); the rows, skipped runs included."""
-  start, rows = clock(), []
+  ``budget_s`` seconds (0: no limit); the rows, skipped runs included. With ``jobs`` > 1 the
+  cold runs go first, ``jobs`` at a time, in half the budget (all of it without warm reruns);
+  the warm reruns follow one at a time, so that theirs are the step times measured alone."""
+  start, rows = clock(), {}
   runs = [(case, cache) for case in cases for cache in ('cold', 'warm')[:1 + compile_cache]]
-  for n, (case, cache) in enumerate(runs):
+
+  def one(n, case, cache, limit):
     row = {'case': case, 'cache': cache}
-    cases_left = len({c for c, _ in runs[n:]})
     left = budget_s - (clock() - start) if budget_s else math.inf
-    limit = min(timeout_s, left / cases_left)
-    cold = rows[-1]['status'] if cache == 'warm' else 'ok'
+    cold = rows[case, 'cold']['status'] if cache == 'warm' else 'ok'
     if cold != 'ok':
       row.update(status='skipped', reason=f'cold run {cold}')
     elif limit < MIN_CASE_S:
       row.update(status='skipped', reason=f'budget: {max(left, 0):.0f} s left for '
-                 f'{cases_left} case{"s" * (cases_left > 1)}')
+                 f'{n} case{"s" * (n > 1)}')
     else:
       name = f'{case.replace("/", "-")}-{cache}'
       row.update(run(case, argv, limit, workdir / case.replace('/', '-'),
                      workdir / f'{name}.jsonl'))
       row['limit_s'] = limit
-    rows.append(row)
+    rows[case, cache] = row
     print(f'{case} ({cache}): {_status(row)}, {row.get("wall_s", 0):.0f} s', flush=True)
-  return rows
+
+  if jobs > 1:
+    waves = math.ceil(len(cases) / jobs)
+    limit = min(timeout_s, budget_s / (1 + compile_cache) / waves if budget_s else math.inf)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+      list(pool.map(lambda case: one(len(cases), case, 'cold', limit), cases))
+    runs = [r for r in runs if r[1] == 'warm']
+  for n, (case, cache) in enumerate(runs):
+    cases_left = len({c for c, _ in runs[n:]})
+    left = budget_s - (clock() - start) if budget_s else math.inf
+    one(cases_left, case, cache, min(timeout_s, left / cases_left))
+  return [rows[case, cache] for case in cases for cache in ('cold', 'warm')[:1 + compile_cache]]
 
 
 def _status(row) -> str:
@@ -390,15 +406,18 @@ def main(argv):
              f'{", ".join(CASES)}')
   if _CHILD.value:
     return child(cases[0], Path(_CHILD.value))
+  if _JOBS.value > 1:  # processes sharing one accelerator: none may take most of its memory
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory(prefix='prnas_bench_') as workdir:
     rows = run_suite(cases, sys.argv[1:], _BUDGET.value, _TIMEOUT.value, _COMPILE_CACHE.value,
-                     Path(workdir))
+                     Path(workdir), jobs=_JOBS.value)
   out = Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
   text = table(rows)
   out.write_text(json.dumps({'command': ' '.join(sys.argv), 'elapsed_s': time.perf_counter() - t0,
-                             'budget_s': _BUDGET.value, 'rows': rows}, indent=1) + '\n')
+                             'budget_s': _BUDGET.value, 'jobs': _JOBS.value,
+                             'rows': rows}, indent=1) + '\n')
   out.with_suffix('.md').write_text(text + '\n')
   print(text)
   print(f'{out}, {out.with_suffix(".md")}: {time.perf_counter() - t0:.0f} s')

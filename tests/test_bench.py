@@ -1,11 +1,13 @@
 """The benchmark suite (scripts/bench.py): its smallest run reports every field of every case it
 ran, with no program of the update compiled twice; the budget skips, and says so, what it cannot
 fit."""
+import functools
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,9 @@ TIMES = ('backend_s', 'build_s', 'compile_s', 'first_step_s', 'time_to_first_ste
          'wall_s')
 
 
+@functools.cache
 def _bench():
+  """scripts/bench.py as a module, loaded once (it defines absl flags)."""
   spec = importlib.util.spec_from_file_location('bench', ROOT / 'scripts' / 'bench.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -97,3 +101,33 @@ def test_budget_shares_and_skips(tmp_path):
   assert rows[3]['reason'] == 'cold run timeout' and rows[5]['reason'].startswith('budget')
   text = bench.table(rows)
   assert '| retrain | warm | skipped: budget: 12 s left for 1 case |' in text
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections
+def test_cold_runs_at_once_then_warm_alone(tmp_path):
+  """With jobs, the cold runs overlap in half the budget; the warm reruns run one at a time,
+  never beside another run, each with an equal share of what is left."""
+  bench = _bench()
+  now, running, log = [0.0], [], []
+
+  def run(case, argv, limit, cache_dir, result):
+    cache = 'warm' if result.name.endswith('-warm.jsonl') else 'cold'
+    running.append(case)
+    log.append((case, cache, limit, len(running)))
+    time.sleep(0.05)  # the cold runs are all started before the first returns
+    running.remove(case)
+    now[0] += 10
+    return {'status': 'timeout' if case == 'mid/whole' else 'ok', 'wall_s': 10}
+
+  rows = bench.run_suite(['first/pieces', 'mid/whole', 'retrain'], [], 100, 600, True, tmp_path,
+                         run=run, clock=lambda: now[0], jobs=3)
+  cold = [entry for entry in log if entry[1] == 'cold']
+  assert sorted(c for c, *_ in cold) == ['first/pieces', 'mid/whole', 'retrain']
+  assert [limit for _, _, limit, _ in cold] == [50] * 3 and max(n for *_, n in cold) == 3
+  warm = [entry for entry in log if entry[1] == 'warm']
+  assert [(c, n) for c, _, _, n in warm] == [('first/pieces', 1), ('retrain', 1)]
+  assert [limit for _, _, limit, _ in warm] == pytest.approx([70 / 3, 60])
+  assert [(r['case'], r['cache'], r['status']) for r in rows] == [
+      ('first/pieces', 'cold', 'ok'), ('first/pieces', 'warm', 'ok'),
+      ('mid/whole', 'cold', 'timeout'), ('mid/whole', 'warm', 'skipped'),
+      ('retrain', 'cold', 'ok'), ('retrain', 'warm', 'ok')]
