@@ -104,19 +104,26 @@ def _bad_value(text: str) -> str:
 
 # XLA:CPU's flags chosen by measurement (docs/design.md, "XLA:CPU flags"), set for the jaxlib
 # releases they were measured with: XLA aborts on a flag that its release does not know.
-CPU_XLA_FLAGS = ('--xla_cpu_use_fusion_emitters=false',)
-_CPU_FLAGS_JAXLIB = ('0.10.',)
+# The XLA flags an entry point sets, each with the jaxlib releases it was measured with (XLA
+# aborts on a flag it does not know): docs/design.md, "XLA flags".
+XLA_FLAGS = (
+    # XLA:CPU: its older loop emitter compiles the many small fused loops of a stage faster.
+    ('--xla_cpu_use_fusion_emitters=false', ('0.10.',)),
+    # XLA:GPU of jax 0.11.2 aborts compiling every search and retraining program in its Triton
+    # GEMM tiling (triton_tiling_propagation.cc:703); without it the dots go to cuBLAS.
+    ('--xla_gpu_enable_triton_gemm=false', ('0.10.', '0.11.')),
+)
 
 
 def set_xla_flags(environ=os.environ) -> None:
-  """Appends each of ``CPU_XLA_FLAGS`` that ``XLA_FLAGS`` does not name already (a user's
-  choice stays) where the installed jaxlib is one they were measured with. XLA reads
-  ``XLA_FLAGS`` when JAX starts its backends, so an entry point calls this first. The flags
-  concern XLA's CPU compiler only; programs for a GPU or TPU compile as without them."""
-  if not importlib.metadata.version('jaxlib').startswith(_CPU_FLAGS_JAXLIB):
-    return
+  """Appends each flag of ``XLA_FLAGS`` that suits the installed jaxlib and that the
+  ``XLA_FLAGS`` variable does not name already (a user's choice stays). XLA reads the variable
+  when JAX starts its backends, so an entry point calls this first. A flag for one backend's
+  compiler leaves the others' programs as they were."""
+  jaxlib = importlib.metadata.version('jaxlib')
   given = environ.get('XLA_FLAGS', '')
-  new = [f for f in CPU_XLA_FLAGS if f.split('=')[0] not in given]
+  new = [flag for flag, releases in XLA_FLAGS
+         if jaxlib.startswith(releases) and flag.split('=')[0] not in given]
   if new:
     environ['XLA_FLAGS'] = ' '.join([given, *new]).strip()
 
