@@ -5,12 +5,17 @@ the JSON file as ``.md``) and one JSON file.
   python scripts/bench.py                       # batch 128; 8 cells, C=16; DL2 in 20 cells, C=36
   python scripts/bench.py --layers 3 --channels 4 --batch 8 --steps 2 --compile_cache  # CPU smoke
   python scripts/bench.py --cases mid/pieces,retrain --batch 32
+  python scripts/bench.py --jobs 8 --compile_cache --variant 'at0 --xla_gpu_autotune_level=0'
 
 Every case runs in a fresh process (an honest cold compile; a crash or a timeout loses that case
 only) with an empty persistent compilation cache of its own; ``--compile_cache`` reruns it with
 the cache its first run filled (a warm rerun or resume). A case gets at most ``--timeout_s`` and
 an equal share of what is left of ``--budget_s`` among the cases left; a case whose share is too
 short to start is reported as skipped, one that runs out of time with what it measured so far.
+``--jobs N`` runs the cold runs N at a time first (their compile and step times are then
+contended), the warm reruns alone after them; ``--variant 'NAME ARG...'`` runs every case again
+as ``CASE+NAME`` with those arguments (XLA flags or config overrides): a short loan of an
+accelerator measures layouts and options side by side.
 
 Per case: build (the network and its state, placed on the devices as the runs place them),
 compile (the update as the runs compile it), the first step, time to the first step (those
@@ -29,9 +34,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -83,6 +90,11 @@ _COMPILE_CACHE = flags.DEFINE_bool('compile_cache', False, 'Rerun every case wit
 _JOBS = flags.DEFINE_integer('jobs', 1, 'Cold runs at a time (> 1: all cold runs first, in '
                              'half the budget; then the warm reruns, one at a time).',
                              lower_bound=1)
+_VARIANTS = flags.DEFINE_multi_string(
+    'variant', [], 'NAME ARG...: every case again as CASE+NAME, its child given the ARGs (XLA '
+    'flags, --xla_..., go to XLA_FLAGS, the rest to the child\'s flags); e.g. '
+    '--variant "shift --search_config.search.dw_form=shift" --variant "at0 '
+    '--xla_gpu_autotune_level=0".')
 _FLOPS = flags.DEFINE_bool('flops', False, 'Also XLA\'s FLOP count of a step and the FLOP/s.')
 _OUT = flags.DEFINE_string('out', 'runs/bench.json', 'The JSON file; the table goes beside it '
                            '(.md).')
@@ -135,6 +147,7 @@ class Record:
     self.fields = {**fields, 'batch': batch, 'dw_form': dw_form or ops.default_dw_form(),
                    'backend': jax.default_backend(), 'device': devices[0].device_kind,
                    'devices': len(devices), 'jax': jax.__version__,
+                   'xla_flags': os.environ.get('XLA_FLAGS', ''),
                    'backend_s': time.perf_counter() - t0}
 
   def update(self, phase: str, **fields) -> None:
@@ -275,14 +288,37 @@ def select(words) -> list[str]:
   return chosen
 
 
-def run_child(case: str, argv, limit: float, cache_dir: Path, result: Path) -> dict:
-  """Runs ``case`` in a fresh process (this script with ``argv``) for at most ``limit``
+def variants(specs) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+  """``--variant`` values ``'NAME ARG...'``: NAME -> (its XLA flags, its other arguments)."""
+  out = {}
+  for spec in specs:
+    name, *args = spec.split()
+    if not name.replace('-', '').replace('_', '').isalnum() or name in out:
+      sys.exit(f'error: --variant {spec!r}: start it with a new name of letters, digits, - or _')
+    out[name] = (tuple(a for a in args if a.startswith('--xla_')),
+                 tuple(a for a in args if not a.startswith('--xla_')))
+  return out
+
+
+def with_xla_flags(given: str, new) -> str:
+  """``given`` (an XLA_FLAGS value) with the flags ``new`` in place of any of the same name."""
+  names = {flag.split('=')[0] for flag in new}
+  return ' '.join([*(f for f in given.split() if f.split('=')[0] not in names), *new])
+
+
+def run_child(case: str, argv, limit: float, cache_dir: Path, result: Path,
+              variants: dict | None = None) -> dict:
+  """Runs ``case`` (``CASE+NAME``: with the arguments of ``variants[NAME]``, as ``variants``
+  returns them) in a fresh process (this script with ``argv``) for at most ``limit``
   seconds with ``cache_dir`` as its persistent compilation cache; its last fields, ``status``
   (ok, timeout, failed), ``error`` and ``wall_s``."""
-  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(cache_dir)}
+  case, _, variant = case.partition('+')
+  xla, extra = variants[variant] if variant else ((), ())
+  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
+         'XLA_FLAGS': with_xla_flags(os.environ.get('XLA_FLAGS', ''), xla)}
   t0 = time.perf_counter()
   try:
-    proc = subprocess.run([sys.executable, __file__, *argv, '--cases', case, '--child',
+    proc = subprocess.run([sys.executable, __file__, *argv, *extra, '--cases', case, '--child',
                            str(result)], env=env, capture_output=True, text=True, timeout=limit)
     status = 'ok' if proc.returncode == 0 else 'failed'
     log = proc.stdout + proc.stderr
@@ -295,9 +331,18 @@ def run_child(case: str, argv, limit: float, cache_dir: Path, result: Path) -> d
   row.update(json.loads(lines[-1]) if lines else {})
   row['status'] = status
   if status == 'failed':
-    last = [line for line in log.splitlines() if line.strip()]
-    row['error'] = last[-1] if last else f'exit status {proc.returncode}'
+    row['error'] = error_line(log, proc.returncode)
   return row
+
+
+def error_line(log: str, returncode: int) -> str:
+  """What a failed child's output says went wrong: the message of XLA's last fatal check
+  (``F1204 12:27:54.393734 6026 file.cc:703] Check failed: ...``), else the last Python
+  error (``module.SomeError: ...``), else its last line."""
+  lines = [line.strip() for line in log.splitlines() if line.strip()]
+  fatal = [line.split('] ', 1)[-1] for line in lines if re.match(r'F\d{4} ', line)]
+  errors = [line for line in lines if re.match(r'[\w.]*(Error|Exception)\b', line)]
+  return (fatal or errors or lines or [f'exit status {returncode}'])[-1]
 
 
 def run_suite(cases, argv, budget_s: float, timeout_s: float, compile_cache: bool,
@@ -322,7 +367,7 @@ def run_suite(cases, argv, budget_s: float, timeout_s: float, compile_cache: boo
       name = f'{case.replace("/", "-")}-{cache}'
       row.update(run(case, argv, limit, workdir / case.replace('/', '-'),
                      workdir / f'{name}.jsonl'))
-      row['limit_s'] = limit
+      row.update(case=case, cache=cache, limit_s=limit)
     rows[case, cache] = row
     print(f'{case} ({cache}): {_status(row)}, {row.get("wall_s", 0):.0f} s', flush=True)
 
@@ -406,12 +451,15 @@ def main(argv):
              f'{", ".join(CASES)}')
   if _CHILD.value:
     return child(cases[0], Path(_CHILD.value))
+  named = variants(_VARIANTS.value)
+  cases = [case + suffix for case in cases for suffix in ('', *(f'+{name}' for name in named))]
   if _JOBS.value > 1:  # processes sharing one accelerator: none may take most of its memory
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   t0 = time.perf_counter()
   with tempfile.TemporaryDirectory(prefix='prnas_bench_') as workdir:
     rows = run_suite(cases, sys.argv[1:], _BUDGET.value, _TIMEOUT.value, _COMPILE_CACHE.value,
-                     Path(workdir), jobs=_JOBS.value)
+                     Path(workdir), functools.partial(run_child, variants=named),
+                     jobs=_JOBS.value)
   out = Path(_OUT.value)
   out.parent.mkdir(parents=True, exist_ok=True)
   text = table(rows)

@@ -53,6 +53,7 @@ def test_every_case_reports_every_field(suite):
     assert row['images_per_s'] == pytest.approx(8 / row['step_s'])
     assert (row['batch'], row['layers'], row['channels']) == (8, 3, 4)
     assert (row['backend'], row['devices'], row['memory_kind']) == ('cpu', 1, 'peak RSS')
+    assert '--xla_cpu_use_fusion_emitters=false' in row['xla_flags']  # set_xla_flags's
     assert row['memory_mib'] == row['peak_rss_mib'] > 100
     assert row['build_programs'] > 0 and row['compile_programs'] > 0
     assert row['compiles_after_warmup'] == sum(row['compiled_after_warmup'].values())
@@ -131,3 +132,30 @@ def test_cold_runs_at_once_then_warm_alone(tmp_path):
       ('first/pieces', 'cold', 'ok'), ('first/pieces', 'warm', 'ok'),
       ('mid/whole', 'cold', 'timeout'), ('mid/whole', 'warm', 'skipped'),
       ('retrain', 'cold', 'ok'), ('retrain', 'warm', 'ok')]
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections
+def test_a_variant_reruns_a_case_with_its_flags(tmp_path):
+  """``--variant 'NAME ARG...'``: its XLA flags reach the child's XLA_FLAGS (in place of the
+  same flags given before), its other arguments the child's flags; a failed child's row says
+  why in one line, XLA's fatal check rather than the interpreter's dump after it."""
+  bench = _bench()
+  named = bench.variants(['at0 --xla_gpu_autotune_level=0 --train_config.model.dw_form=dense',
+                          'bad --xla_no_such_flag=1', 'odd --train_config.model.dw_form=nonsense'])
+  assert named['at0'] == (('--xla_gpu_autotune_level=0',), ('--train_config.model.dw_form=dense',))
+  assert bench.with_xla_flags('--xla_a=1 --xla_b=2', ['--xla_a=3']) == '--xla_b=2 --xla_a=3'
+  with pytest.raises(SystemExit, match='new name'):
+    bench.variants(['at0 --x', 'at0 --y'])
+  log = 'W1204 x.cc:1] slow\nF1204 12:27:54.3 6026 t.cc:703] Check failed: a == b\n' \
+        'Fatal Python error: Aborted\n\nExtension modules: numpy (total: 1)\n'
+  assert bench.error_line(log, -6) == 'Check failed: a == b'
+  assert bench.error_line('Traceback:\nValueError: x\n\nFor simplicity, JAX has removed', 1) == \
+      'ValueError: x'
+  assert bench.error_line('', 2) == 'exit status 2'
+  small = ['--layers', '3', '--channels', '4', '--batch', '8', '--steps', '1']
+  rows = {name: bench.run_child(f'retrain+{name}', small, 120, tmp_path / name,
+                                tmp_path / f'{name}.jsonl', variants=named)
+          for name in ('bad', 'odd')}
+  assert rows['bad']['status'] == 'failed' and 'xla_no_such_flag' in rows['bad']['error']
+  assert rows['odd']['status'] == 'failed' and 'nonsense' in rows['odd']['error']
+  assert '\n' not in rows['odd']['error'] and rows['odd']['phase'] == 'build'
