@@ -17,6 +17,7 @@ import sys
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -84,6 +85,12 @@ def _place(tree, sharding):
 def replicate(tree):
   """``tree`` (the same value in every process) on every device."""
   return _place(tree, replicated())
+
+
+def zeros_like(tree):
+  """Zeros with the shapes, dtypes and shardings of ``tree`` (arrays or
+  ``jax.ShapeDtypeStruct``s)."""
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), tree)
 
 
 def shard_batch(batch):

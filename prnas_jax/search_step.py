@@ -343,7 +343,8 @@ def compile_update_step(state, batch, *, net, cfg):
   """The update for these shapes and shardings, compiled ahead of time, and the seconds it took
   (0 when an earlier stage or run in this process compiled the same programs): ``update_step``
   compiled, or for the other layouts a ``PieceUpdate`` whose programs were compiled
-  by an alpha and a weight update of a zero copy of ``state``. The programs of ``eval_step``
+  by an alpha and a weight update of a zero copy of ``state``; either runs those two updates,
+  so that the first step does no first-run work (the H200 spent 41 s in a first run, README). The programs of ``eval_step``
   on batches of this shape are compiled too (by one evaluation), so none compiles later."""
   key = (net, cfg, jax.tree.structure(state),
          tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
@@ -353,12 +354,12 @@ def compile_update_step(state, batch, *, net, cfg):
   if cfg.programs != 'whole':
     precompile(state, batch, net, cfg)
     update = PieceUpdate(net, cfg)
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), state)
-    for update_alphas in (True, False):
-      zeros, _ = update(zeros, batch, *probe_args(update_alphas))
-    jax.block_until_ready(zeros)
   else:
     update = update_step.lower(state, batch, *probe_args(), net=net, cfg=cfg).compile()
+  zeros = parallel.zeros_like(state)
+  for update_alphas in (True, False):  # each program's first run: a GPU builds its cuDNN plans
+    zeros, _ = update(zeros, batch, *probe_args(update_alphas))
+  jax.block_until_ready(zeros)
   jax.block_until_ready(eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std,
                                   programs=cfg.programs))
   _COMPILED[key] = update

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prnas_jax import data
+from prnas_jax import data, parallel
 from prnas_jax.optim import sgd_tx
 
 
@@ -93,10 +93,13 @@ def train_step(state: TrainState, batch, lr, drop_rate, key, *, net, cfg: TrainC
 
 def compile_train_step(state: TrainState, batch, *, net, cfg: TrainConfig):
   """``train_step`` compiled ahead of time for the shapes and shardings of ``state`` and
-  ``batch`` (arrays or ``jax.ShapeDtypeStruct``s), and the seconds it took."""
+  ``batch`` (arrays or ``jax.ShapeDtypeStruct``s) and run once on zeros, so that the first step
+  does no first-run work (cuDNN's plans: 69 s for DL2 on the H200, README), and the seconds
+  both took."""
   t0 = time.perf_counter()
-  step = train_step.lower(state, batch, np.float32(0), np.float32(0), jax.random.key(0), net=net,
-                          cfg=cfg).compile()
+  args = np.float32(0), np.float32(0), jax.random.key(0)
+  step = train_step.lower(state, batch, *args, net=net, cfg=cfg).compile()
+  jax.block_until_ready(step(parallel.zeros_like(state), parallel.zeros_like(batch), *args))
   return step, time.perf_counter() - t0
 
 
