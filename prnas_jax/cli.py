@@ -102,8 +102,6 @@ def _bad_value(text: str) -> str:
   return f'--{m.group(1)}={m.group(2)} is not {kind}: give {kind}, e.g. --{m.group(1)}={value}'
 
 
-# XLA:CPU's flags chosen by measurement (docs/design.md, "XLA:CPU flags"), set for the jaxlib
-# releases they were measured with: XLA aborts on a flag that its release does not know.
 # The XLA flags an entry point sets, each with the jaxlib releases it was measured with (XLA
 # aborts on a flag it does not know): docs/design.md, "XLA flags".
 XLA_FLAGS = (

@@ -344,8 +344,9 @@ def compile_update_step(state, batch, *, net, cfg):
   (0 when an earlier stage or run in this process compiled the same programs): ``update_step``
   compiled, or for the other layouts a ``PieceUpdate`` whose programs were compiled
   by an alpha and a weight update of a zero copy of ``state``; either runs those two updates,
-  so that the first step does no first-run work (the H200 spent 41 s in a first run, README). The programs of ``eval_step``
-  on batches of this shape are compiled too (by one evaluation), so none compiles later."""
+  so that the first step does no first-run work (the H200 spent 41 s in a first run, README).
+  The programs of ``eval_step`` on batches of this shape are compiled too (by one evaluation),
+  so none compiles later."""
   key = (net, cfg, jax.tree.structure(state),
          tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
   if key in _COMPILED:
