@@ -218,11 +218,15 @@ def check_dw_form(form: str, key: str) -> None:
                     "the backend's default")
 
 
-def default_dw_form() -> str:
-  """XLA:CPU's grouped convolution is slow (docs/design.md, "Depthwise convolution and
-  pooling"): shifted slices there (the 8-cell ``mid`` search step 8.0 s against 8.8 s
-  dense-diagonal, README), grouped elsewhere."""
-  return 'shift' if jax.default_backend() == 'cpu' else 'grouped'
+def default_dw_form(search: bool = False) -> str:
+  """The depthwise form of a network (a supernet with ``search``) that names none, as measured
+  per backend (docs/design.md, "Depthwise convolution and pooling"): shifted slices on a CPU,
+  whose grouped convolution is slow (the 8-cell ``mid`` search step 8.0 s against 8.8 s
+  dense-diagonal); on a GPU shifted slices in the search (the H200's 8-cell ``mid`` step
+  0.48 s against 0.85 s dense-diagonal and 0.88 s grouped) and grouped convolutions in
+  training; grouped on other backends."""
+  backend = jax.default_backend()
+  return 'shift' if backend == 'cpu' or (search and backend == 'gpu') else 'grouped'
 
 
 _KERNEL_GRADS = contextvars.ContextVar('kernel_grads', default=None)

@@ -155,7 +155,7 @@ class Search:
     s, st = self.config.search, self.config.search.stages
     return supernet.build(self.space, layers=s.layers + st.add_layers[i],
                           channels=s.init_channels + st.add_width[i],
-                          num_classes=self.splits.num_classes, dw_form=s.dw_form or None,
+                          num_classes=self.splits.num_classes, dw_form=s.dw_form,
                           remat=s.remat)
 
   def step_config(self, i: int, net=None) -> search_step.StepConfig:

@@ -265,9 +265,11 @@ def merge(parts: Iterable[tuple[Piece, dict]]) -> dict:
   return out
 
 
-def build(space, **kwargs) -> Supernet:
-  """The supernet of a search space (``{'normal': CellSpace, 'reduce': CellSpace}``)."""
-  return Supernet(space['normal'].active_specs(), space['reduce'].active_specs(), **kwargs)
+def build(space, dw_form: str | None = None, **kwargs) -> Supernet:
+  """The supernet of a search space (``{'normal': CellSpace, 'reduce': CellSpace}``); its
+  depthwise form ``dw_form``, or if that is empty the backend's for a search."""
+  return Supernet(space['normal'].active_specs(), space['reduce'].active_specs(),
+                  dw_form=dw_form or ops.default_dw_form(search=True), **kwargs)
 
 
 # ------------------------------------------------------------------------------ alphas

@@ -23,7 +23,8 @@ three), step (median of ``--steps`` timed steps after the first; for a search st
 alpha and weight halves apart), images/s (one split's batch per step), memory (the device's
 peak where the backend reports it, else the process's peak RSS) and the programs compiled (or
 loaded from the cache) in each phase: after the compile only small eager programs should
-compile, and no program of the update again (``recompiles``).
+compile, and no program of the update again (``recompiles``); the compile's seconds of tracing,
+lowering and XLA (``--profile_compile``: and its longest activities).
 ``first``: the prdarts4 start set on every edge; ``mid``: max/avg pool, conv(3,1,[]),
 conv(3,1,[1]), conv(5,1,[]), conv(3,2,[]) on every edge; images are random. Depth and width come
 from ``--search_config`` and ``--train_config`` (any key can be overridden:
@@ -35,6 +36,7 @@ import collections
 import concurrent.futures
 import contextlib
 import functools
+import gzip
 import json
 import math
 import os
@@ -44,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +98,9 @@ _VARIANTS = flags.DEFINE_multi_string(
     'flags, --xla_..., go to XLA_FLAGS, the rest to the child\'s flags); e.g. '
     '--variant "shift --search_config.search.dw_form=shift" --variant "at0 '
     '--xla_gpu_autotune_level=0".')
+_PROFILE = flags.DEFINE_bool(
+    'profile_compile', False, 'Profile each case\'s compile phase (jax.profiler, no Python '
+    'tracer) and keep in its row the activities of the longest summed time (compile_profile).')
 _FLOPS = flags.DEFINE_bool('flops', False, 'Also XLA\'s FLOP count of a step and the FLOP/s.')
 _OUT = flags.DEFINE_string('out', 'runs/bench.json', 'The JSON file; the table goes beside it '
                            '(.md).')
@@ -103,11 +109,22 @@ _CHILD = flags.DEFINE_string('child', None, 'Internal: run the one case of --cas
 
 _COMPILED = []  # programs compiled or loaded from the persistent cache in this process, in order
 _CACHE_HITS = []
+_PARTS = {'/jax/core/compile/jaxpr_trace_duration': 'trace',  # JAX's compile events -> parts
+          '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower',
+          '/jax/core/compile/backend_compile_duration': 'xla'}
+_SECONDS = collections.Counter()  # part -> seconds summed over this process's compiles
+_RECORDS = []  # the Record of this process, told of every program compiled
+PROFILE_TOP = 40  # activities kept of a profiled compile
 
 
 def _on_duration(event, duration, **kwargs):
-  if event == '/jax/core/compile/backend_compile_duration':
+  part = _PARTS.get(event)
+  if part:
+    _SECONDS[part] += duration
+  if part == 'xla':
     _COMPILED.append(str(kwargs.get('fun_name', '?')))
+    for rec in _RECORDS:
+      rec.compiled()
 
 
 def _on_event(event, **kwargs):
@@ -135,32 +152,75 @@ def _memory() -> dict:
   return {'memory_mib': rss, 'memory_kind': 'peak RSS', 'peak_rss_mib': rss}
 
 
+@contextlib.contextmanager
+def _profiled(fields: dict):
+  """Profiles the block (host activities and, on an accelerator, its kernels) and sets
+  ``fields['compile_profile']`` to the ``PROFILE_TOP`` activity names of the longest summed
+  time, each ``[name, seconds, count]`` (over threads; nested activities count in their callers'
+  time too)."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  with tempfile.TemporaryDirectory(prefix='prnas_profile_') as folder:
+    with jax.profiler.trace(folder, create_perfetto_trace=True, profiler_options=options):
+      yield
+    trace = json.loads(gzip.decompress(next(Path(folder).rglob('perfetto_trace.json.gz'))
+                                       .read_bytes()))
+  seconds, counts = collections.Counter(), collections.Counter()
+  for event in trace['traceEvents'] if isinstance(trace, dict) else trace:
+    if event.get('ph') == 'X':
+      seconds[event['name']] += event.get('dur', 0) / 1e6
+      counts[event['name']] += 1
+  fields['compile_profile'] = [[name, round(t, 3), counts[name]]
+                               for name, t in seconds.most_common(PROFILE_TOP)]
+
+
 class Record:
   """The fields of one case, handed to ``report`` at the start of every phase with everything
   measured so far, so that a case killed on the way still says what it measured and where."""
+  profile = False  # profile the compile phase (_profiled)
 
-  def __init__(self, report, batch: int, dw_form: str, **fields):
-    """``dw_form``: the config's ('' = the backend's default)."""
+  def __init__(self, report, batch: int, dw_form: str, search: bool, **fields):
+    """``dw_form``: the config's ('' = the backend's default for a search or training)."""
     t0 = time.perf_counter()
     devices = jax.devices()  # starts the backend
     self.report, self.batch, self.before = report, batch, set()  # programs of build, compile
-    self.fields = {**fields, 'batch': batch, 'dw_form': dw_form or ops.default_dw_form(),
+    self.current, self.lock = None, threading.Lock()  # the phase and the parts when it began
+    self.fields = {**fields, 'batch': batch, 'dw_form': dw_form or ops.default_dw_form(search),
                    'backend': jax.default_backend(), 'device': devices[0].device_kind,
                    'devices': len(devices), 'jax': jax.__version__,
                    'xla_flags': os.environ.get('XLA_FLAGS', ''),
                    'backend_s': time.perf_counter() - t0}
+    _RECORDS.append(self)
 
   def update(self, phase: str, **fields) -> None:
-    self.fields.update(fields, phase=phase, cache_hits=len(_CACHE_HITS), **_memory())
-    self.report(dict(self.fields))
+    with self.lock:
+      self.fields.update(fields, phase=phase, cache_hits=len(_CACHE_HITS), **_memory())
+      self.report(dict(self.fields))
+
+  def compiled(self) -> None:
+    """Reports the phase's seconds of each part of JAX's compiles so far (``{name}_trace_s``,
+    ``_lower_s``, ``_xla_s``: summed over threads), so that a phase killed on the way says
+    where its time went; the rest of a compile phase is its programs' first runs."""
+    with self.lock:
+      if self.current:
+        name, start = self.current
+        self.fields.update({f'{name}_{part}_s': _SECONDS[part] - start[part]
+                            for part in _PARTS.values()})
+        self.report(dict(self.fields))
 
   @contextlib.contextmanager
   def phase(self, name: str):
-    """Times the block: ``{name}_s``, ``{name}_cores`` (CPU seconds per second) and
-    ``{name}_programs`` (programs compiled or loaded)."""
+    """Times the block: ``{name}_s``, ``{name}_cores`` (CPU seconds per second),
+    ``{name}_programs`` (programs compiled or loaded) and its compiles' parts (``compiled``)."""
     self.update(name)
     n, t0, cpu0 = len(_COMPILED), time.perf_counter(), _cpu_seconds()
-    yield
+    self.current = name, collections.Counter(_SECONDS)
+    profiled = {}
+    with _profiled(profiled) if self.profile and name == 'compile' else contextlib.nullcontext():
+      yield
+    self.compiled()
+    self.fields.update(profiled)
+    self.current = None
     seconds = time.perf_counter() - t0
     self.before.update(_COMPILED[n:])
     self.fields.update({f'{name}_s': seconds, f'{name}_cores': (_cpu_seconds() - cpu0) / seconds,
@@ -215,12 +275,13 @@ def search_case(config, stage: str, batch: int, steps: int, report=lambda fields
   net_space = stage_space(stage)
   cfg = search_step.StepConfig.from_config(s, 0, MEAN, STD)
   rec = Record(report, batch, case=f'{stage}/{cfg.programs}', stage=stage, programs=cfg.programs,
-               layers=s.layers, channels=s.init_channels, dw_form=s.dw_form, remat=s.remat)
+               layers=s.layers, channels=s.init_channels, dw_form=s.dw_form, search=True,
+               remat=s.remat)
   batches = _random_batches(2 * steps + 2, batch, 32, 10)
   keys = [jax.random.key(i) for i in range(steps + 1)]
   with rec.phase('build'):
     net = supernet.build(net_space, layers=s.layers,
-                         channels=s.init_channels, dw_form=s.dw_form or None, remat=s.remat)
+                         channels=s.init_channels, dw_form=s.dw_form, remat=s.remat)
     k_init, k_alpha = jax.random.split(jax.random.key(config.seed))
     variables = supernet.init_variables(net, k_init, (32, 32, 3))
     alphas = supernet.init_alphas(k_alpha, supernet.alpha_masks(net.edge_ops()))
@@ -259,7 +320,8 @@ def train_case(config, batch: int, steps: int, report=lambda fields: None,
   fields."""
   m, size = config.model, config.image_size or 32
   rec = Record(report, batch, case='retrain', genotype=config.genotype, layers=m.layers,
-               channels=m.init_channels, dw_form=m.dw_form, remat=m.remat)
+               channels=m.init_channels, dw_form=m.dw_form, search=False,
+               remat=m.remat)
   cfg = train_step.TrainConfig.from_config(config, MEAN, STD,
                                            'imagenet' if m.stem == 'imagenet' else 'cifar')
   classes = data.num_classes(config.data)
@@ -428,6 +490,7 @@ def _shrink(section, layers: str, channels: str) -> None:
 
 def child(case: str, path: Path) -> None:
   cli.use_compile_cache(True)  # as the runs use it, in the folder run_child chose
+  Record.profile = _PROFILE.value
 
   def report(fields):
     with open(path, 'a') as f:

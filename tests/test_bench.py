@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,7 @@ def test_every_case_reports_every_field(suite):
     assert '--xla_cpu_use_fusion_emitters=false' in row['xla_flags']  # set_xla_flags's
     assert row['memory_mib'] == row['peak_rss_mib'] > 100
     assert row['build_programs'] > 0 and row['compile_programs'] > 0
+    assert all(row[f'compile_{part}_s'] > 0 for part in ('trace', 'lower', 'xla')), row
     assert row['compiles_after_warmup'] == sum(row['compiled_after_warmup'].values())
     assert row['recompiles'] == 0, row['compiled_after_warmup']  # state placed as the runs do
   search, retrain = rows
@@ -72,6 +74,32 @@ def test_one_table(suite):
   assert lines[2].startswith('| first/candidates | cold | ok |')
   assert lines[3].startswith('| retrain | cold | ok |')
   assert text in stdout
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections
+def test_a_phase_reports_its_compiles_as_they_finish():
+  """A case killed in its compile still says how far tracing, lowering and XLA got."""
+  reports = []
+  rec = _bench().Record(reports.append, 8, '', search=False)
+  with rec.phase('compile'):
+    jax.jit(lambda x: x * time.time()).lower(1.0).compile()  # a new constant: no cache hit
+    during = reports[-1]
+  assert during['phase'] == 'compile' and 'compile_s' not in during
+  assert all(during[f'compile_{part}_s'] > 0 for part in ('trace', 'lower', 'xla')), during
+  assert rec.fields['compile_xla_s'] == during['compile_xla_s'] and rec.fields['compile_s'] > 0
+  assert 'compile_profile' not in rec.fields
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections
+def test_a_profiled_compile_names_where_its_time_went():
+  rec = _bench().Record(lambda fields: None, 8, '', search=False)
+  rec.profile = True
+  with rec.phase('compile'):
+    jax.jit(lambda x: jax.numpy.sin(x) * time.time()).lower(1.0).compile()
+  top = rec.fields['compile_profile']
+  assert 0 < len(top) <= _bench().PROFILE_TOP
+  assert [t for _, t, _ in top] == sorted((t for _, t, _ in top), reverse=True)
+  assert any('Compile' in name and count >= 1 for name, _, count in top), top
 
 
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from prnas_jax import morph, ops
+from prnas_jax import morph, ops, space, supernet
 from prnas_jax.errors import UserError
 from prnas_jax.ops import Conv, FacConv, Pool, Skip, Zero
 
@@ -187,8 +187,17 @@ def test_kernel_grads_flag_zeroes_only_the_kernel_gradients_at_run_time():
     np.testing.assert_allclose(g, want[1], rtol=1e-5, atol=1e-6)
 
 
-def test_default_form_follows_backend():
-  assert ops.default_dw_form() == ('shift' if jax.default_backend() == 'cpu' else 'grouped')
+@pytest.mark.parametrize('backend, search, training', [
+    ('cpu', 'shift', 'shift'), ('gpu', 'shift', 'grouped'), ('tpu', 'grouped', 'grouped')])
+def test_default_form_follows_backend_and_work(monkeypatch, backend, search, training):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert (ops.default_dw_form(search=True), ops.default_dw_form()) == (search, training)
+  start = space.initial_space('prdarts4')
+  assert (supernet.build(start).dw_form, supernet.build(start, dw_form='dense').dw_form) == (
+      search, 'dense')
+
+
+def test_unknown_form_is_refused():
   with pytest.raises(UserError, match='unknown depthwise form'):
     ops.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), form='sparse')
 
