@@ -191,6 +191,7 @@ def train_config() -> ml_collections.ConfigDict:
       drop_path=0.3,  # the rate ramps linearly from 0 to this over training
       dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
       remat=False,  # recompute cell activations in the backward pass: less memory, more time
+      scan_cells=True,  # each run of like cells as one lax.scan: a shorter compile
   ))
   c.epochs = 600  # 0 = build the network, print its parameter count, exit
   c.batch_size = 128

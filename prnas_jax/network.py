@@ -65,9 +65,35 @@ class AuxHead(nn.Module):
     return nn.Dense(self.num_classes, name='head')(x.reshape(x.shape[0], -1))
 
 
+def runs(layouts: list[CellLayout], genotype: Genotype, stem: str, channels: int,
+         stem_multiplier: int, stop_after: int) -> list[range]:
+  """The cells as maximal runs of consecutive cells that compute the same function of inputs of
+  the same shapes (one layout, one input resolution and width), each run a ``range`` of cell
+  indices; a run ends at cell ``stop_after`` (where the auxiliary head reads)."""
+  if stem == 'cifar':
+    shapes = [(1, stem_multiplier * channels)] * 2  # (downsampling, channels) of c_{k-2}, c_{k-1}
+  else:
+    shapes = [(4, channels), (8, channels)]
+  out, key = [], None
+  for i, layout in enumerate(layouts):
+    cell_key = (layout, *shapes)
+    if out and cell_key == key and out[-1][-1] != stop_after:
+      out[-1] = range(out[-1].start, i + 1)
+    else:
+      out.append(range(i, i + 1))
+    key = cell_key
+    width = len(getattr(genotype, f'{layout.kind}_concat')) * layout.channels
+    shapes = [shapes[1], (shapes[1][0] * (2 if layout.reduction else 1), width)]
+  return out
+
+
 class Network(nn.Module):
   """A genotype stacked into ``layers`` cells; returns ``(logits, aux_logits)`` where the
-  auxiliary logits are None unless training with ``auxiliary``."""
+  auxiliary logits are None unless training with ``auxiliary``.
+
+  ``scan_cells``: each run of like cells (``runs``) is one ``lax.scan`` over the run's weights,
+  stacked when the network is applied, so the program holds each distinct cell once (a shorter
+  compile) while the variables keep their per-cell names (``cell{i}``)."""
   genotype: Genotype
   layers: int = 20
   channels: int = 36
@@ -77,21 +103,55 @@ class Network(nn.Module):
   stem_multiplier: int = 3
   dw_form: str | None = None
   remat: bool = False  # recompute each cell's activations in the backward pass (less memory)
+  scan_cells: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, drop_rate=0.0):
     s0, s1 = cells.stem(self.stem, self.channels, self.stem_multiplier, x, train)
     aux = None
-    cell_cls = nn.remat(Cell, static_argnums=(3,)) if self.remat else Cell
-    for i, layout in enumerate(cells.layouts(self.layers, self.channels,
-                                             reduction_prev=self.stem != 'cifar')):
-      cell = cell_cls(getattr(self.genotype, layout.kind),
-                      getattr(self.genotype, f'{layout.kind}_concat'), layout, self.dw_form,
-                      name=f'cell{i}')
-      s0, s1 = s1, cell(s0, s1, train, drop_rate)
-      if i == 2 * self.layers // 3 and self.auxiliary and train:
+    aux_cell = 2 * self.layers // 3
+    layouts = cells.layouts(self.layers, self.channels, reduction_prev=self.stem != 'cifar')
+    scan = self.scan_cells and not self.is_initializing()
+    for run in runs(layouts, self.genotype, self.stem, self.channels, self.stem_multiplier,
+                    aux_cell):
+      if scan and len(run) > 1:
+        s0, s1 = self._scan(run, layouts[run.start], s0, s1, train, drop_rate)
+      else:
+        for i in run:
+          s0, s1 = s1, self._cell(layouts[i], name=f'cell{i}')(s0, s1, train, drop_rate)
+      if run[-1] == aux_cell and self.auxiliary and train:
         aux = AuxHead(self.num_classes, 3 if self.stem == 'cifar' else 2, name='aux')(s1, train)
     return cells.classifier(self.num_classes, s1), aux
+
+  def _cell(self, layout: CellLayout, **kw) -> Cell:
+    """A cell of ``layout`` (with ``remat``: recomputed in the backward pass)."""
+    cell_cls = nn.remat(Cell, static_argnums=(3,)) if self.remat else Cell
+    return cell_cls(getattr(self.genotype, layout.kind),
+                    getattr(self.genotype, f'{layout.kind}_concat'), layout, self.dw_form, **kw)
+
+  def _scan(self, run: range, layout: CellLayout, s0, s1, train: bool, drop_rate):
+    """The cells of ``run`` (of ``layout``) applied in turn as one ``lax.scan``; their new
+    batch statistics are written back under each cell's name."""
+    cell = self._cell(layout, parent=None)
+    cols = [c for c in ('params', 'batch_stats') if c in self.variables]
+    stacked = {c: jax.tree.map(lambda *v: jnp.stack(v),
+                               *[self.variables[c][f'cell{i}'] for i in run]) for c in cols}
+    keys = jax.random.split(self.make_rng('drop_path'), len(run)) if train else None
+    mutable = ['batch_stats'] if train else False
+
+    def body(carry, xs):
+      variables, key = xs
+      a, b = carry
+      out = cell.apply(variables, a, b, train, drop_rate, mutable=mutable,
+                       rngs=None if key is None else {'drop_path': key})
+      y, new = out if train else (out, {})
+      return (b, y), new.get('batch_stats')
+
+    (s0, s1), stats = jax.lax.scan(body, (s0, s1), (stacked, keys))
+    if train and stats is not None and self.is_mutable_collection('batch_stats'):
+      for n, i in enumerate(run):
+        self.put_variable('batch_stats', f'cell{i}', jax.tree.map(lambda v: v[n], stats))
+    return s0, s1
 
 
 def param_count(params) -> int:

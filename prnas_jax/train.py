@@ -46,7 +46,7 @@ def build_network(config, num_classes: int, image_shape) -> network.Network:
                       config.genotype)
   net = network.Network(geno, layers=m.layers, channels=m.init_channels, num_classes=num_classes,
                         auxiliary=m.auxiliary, stem=m.stem, dw_form=m.dw_form or None,
-                        remat=m.remat)
+                        remat=m.remat, scan_cells=m.scan_cells)
   shapes = network.variable_shapes(net, image_shape)['params']
   need = 3 * 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   if need > autobatch.device_memory():  # float32 weights, gradients and momentum

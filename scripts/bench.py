@@ -321,7 +321,7 @@ def train_case(config, batch: int, steps: int, report=lambda fields: None,
   m, size = config.model, config.image_size or 32
   rec = Record(report, batch, case='retrain', genotype=config.genotype, layers=m.layers,
                channels=m.init_channels, dw_form=m.dw_form, search=False,
-               remat=m.remat)
+               remat=m.remat, scan_cells=m.scan_cells)
   cfg = train_step.TrainConfig.from_config(config, MEAN, STD,
                                            'imagenet' if m.stem == 'imagenet' else 'cifar')
   classes = data.num_classes(config.data)
