@@ -345,8 +345,9 @@ def compile_update_step(state, batch, *, net, cfg):
   compiled, or for the other layouts a ``PieceUpdate`` whose programs were compiled
   by an alpha and a weight update of a zero copy of ``state``; either runs those two updates,
   so that the first step does no first-run work (the H200 spent 41 s in a first run, README).
-  The programs of ``eval_step`` on batches of this shape are compiled too (by one evaluation),
-  so none compiles later."""
+  The programs of ``eval_step`` on batches of this shape are compiled too, alongside the
+  update's (in the whole layout, in a thread while this one traces and compiles the update),
+  and run once, so none compiles later."""
   key = (net, cfg, jax.tree.structure(state),
          tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
   if key in _COMPILED:
@@ -356,7 +357,11 @@ def compile_update_step(state, batch, *, net, cfg):
     precompile(state, batch, net, cfg)
     update = PieceUpdate(net, cfg)
   else:
-    update = update_step.lower(state, batch, *probe_args(), net=net, cfg=cfg).compile()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      evaluation = pool.submit(_eval_whole.lower(state, batch, net=net, mean=cfg.mean,
+                                                 std=cfg.std).compile)
+      update = update_step.lower(state, batch, *probe_args(), net=net, cfg=cfg).compile()
+      evaluation.result()
   zeros = parallel.zeros_like(state)
   for update_alphas in (True, False):  # each program's first run: a GPU builds its cuDNN plans
     zeros, _ = update(zeros, batch, *probe_args(update_alphas))

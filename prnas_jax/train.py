@@ -39,8 +39,12 @@ def learning_rate(config, epoch: int) -> float:
 def build_network(config, num_classes: int, image_shape) -> network.Network:
   """``config``'s network for images of ``image_shape``; a one-line UserError for a genotype op
   that spans more than the largest feature map (compiling it would take minutes) or weights
-  whose training state cannot fit a device."""
+  whose training state cannot fit a device, or for scanned cells on a GPU."""
   m = config.model
+  if m.scan_cells and jax.default_backend() == 'gpu':
+    raise UserError('model.scan_cells=True failed on a GPU (the H200 with jax 0.11.2: a CUDA '
+                    'launch failure in the first step; docs/design.md, "Scanned cells"): pass '
+                    '--config.model.scan_cells=false or leave it unset')
   geno = genotype.load(config.genotype)
   genotype.check_fits(geno, max(image_shape[:2]) // (1 if m.stem == 'cifar' else 8),
                       config.genotype)

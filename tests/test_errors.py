@@ -14,6 +14,7 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -284,6 +285,15 @@ def _too_wide(tmp):
     return _raises(train.count_params, config)
 
 
+def _scanned_on_a_gpu(tmp):
+  """Scanned cells asked for where the backend is a GPU."""
+  config = _train_config(tmp, layers=3)
+  config.model.scan_cells = True
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax, 'default_backend', lambda: 'gpu')
+    return _raises(train.count_params, config)
+
+
 ROWS = {
     'config file missing': lambda t: _search(t, config=('--config', 'configs/tiyn.py')),
     'no config file': lambda t: _search(t, config=()),
@@ -371,6 +381,7 @@ ROWS = {
         train.count_params, _train_config(t, _replace('normal', 0, ['conv(k=99,d=1,mul=[1])', 0]),
                                           layers=3)),
     'genotype too wide to train': _too_wide,
+    'scanned cells on a GPU': _scanned_on_a_gpu,
     'bad genotype and bad data in train': lambda t: _raises(train.run, _bad_train(t), t / 'run'),
     'visualize --out that is a file': lambda t: _raises(visualize.draw_genotype, 'DL2', _a_file(t), 'png'),
     'report of a file': lambda t: _raises(report.draw_run, _a_file(t), None, 'png'),

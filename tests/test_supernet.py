@@ -1,5 +1,6 @@
 """The supernet, its alphas and masks, carry-over by name, and the jitted search step."""
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -262,6 +263,29 @@ def test_precompiled_programs_serve_the_first_updates_and_evaluation(tiny):
     jax.block_until_ready(search_step.eval_step(s, batch, net=net, mean=MEAN, std=STD,
                                                 programs='edges'))
   assert _compiles(run) == []
+
+
+def test_whole_layout_compiles_its_evaluation_beside_the_update(tiny):
+  """In the whole layout the evaluation compiles in another thread while the update compiles,
+  and that program serves the evaluation: it compiles once."""
+  net = supernet.build(tiny[0], layers=2, channels=4, remat=True)  # compiled by no other test
+  cfg = dataclasses.replace(CFG, programs='whole')
+  state = search_step.create_state(supernet.init_variables(net, jax.random.key(1), (16, 16, 3)),
+                                   supernet.init_alphas(jax.random.key(2), supernet.alpha_masks(
+                                       net.edge_ops())), cfg)
+  threads = {}
+
+  def listen(event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      threads.setdefault(kwargs.get('fun_name'), []).append(threading.get_ident())
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    search_step.compile_update_step(state, _batch(1), net=net, cfg=cfg)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert threads['jit(update_step)'] == [threading.get_ident()]
+  assert len(threads['jit(_eval_whole)']) == 1
+  assert threads['jit(_eval_whole)'][0] != threading.get_ident()
 
 
 def test_alpha_update_skips_the_weight_gradients(tiny, stepped):
