@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import ml_collections
-from ml_collections import config_dict
 
 from prnas_jax.errors import UserError
 
@@ -192,8 +191,7 @@ def train_config() -> ml_collections.ConfigDict:
       drop_path=0.3,  # the rate ramps linearly from 0 to this over training
       dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
       remat=False,  # recompute cell activations in the backward pass: less memory, more time
-      # each run of like cells as one lax.scan (a shorter compile): unset = per backend
-      scan_cells=config_dict.placeholder(bool),
+      scan_cells=False,  # each run of like cells as one lax.scan: a shorter compile, slower step
   ))
   c.epochs = 600  # 0 = build the network, print its parameter count, exit
   c.batch_size = 128

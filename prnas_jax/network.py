@@ -65,14 +65,6 @@ class AuxHead(nn.Module):
     return nn.Dense(self.num_classes, name='head')(x.reshape(x.shape[0], -1))
 
 
-def default_scan_cells() -> bool:
-  """Whether a network that does not say scans its runs of like cells, as measured per backend
-  (docs/design.md, "Scanned cells"): on a CPU (DL2's compile 1.6-2.1x shorter, its step
-  unchanged); not on a GPU, where the H200 (jax 0.11.2) failed the scanned DL2 step's first run
-  (a CUDA launch failure), nor elsewhere (not measured)."""
-  return jax.default_backend() == 'cpu'
-
-
 def runs(layouts: list[CellLayout], genotype: Genotype, stem: str, channels: int,
          stem_multiplier: int, stop_after: int) -> list[range]:
   """The cells as maximal runs of consecutive cells that compute the same function of inputs of
@@ -99,10 +91,10 @@ class Network(nn.Module):
   """A genotype stacked into ``layers`` cells; returns ``(logits, aux_logits)`` where the
   auxiliary logits are None unless training with ``auxiliary``.
 
-  ``scan_cells`` (None: ``default_scan_cells``): each run of like cells (``runs``) is one
-  ``lax.scan`` over the run's weights, stacked when the network is applied, so the program holds
-  each distinct cell once (a shorter compile) while the variables keep their per-cell names
-  (``cell{i}``)."""
+  ``scan_cells``: each run of like cells (``runs``) is one ``lax.scan`` over the run's weights,
+  stacked when the network is applied, so the program holds each distinct cell once (a shorter
+  compile; on a CPU a slower step, docs/design.md, "Scanned cells") while the variables keep
+  their per-cell names (``cell{i}``)."""
   genotype: Genotype
   layers: int = 20
   channels: int = 36
@@ -112,7 +104,7 @@ class Network(nn.Module):
   stem_multiplier: int = 3
   dw_form: str | None = None
   remat: bool = False  # recompute each cell's activations in the backward pass (less memory)
-  scan_cells: bool | None = None
+  scan_cells: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, drop_rate=0.0):
@@ -120,8 +112,7 @@ class Network(nn.Module):
     aux = None
     aux_cell = 2 * self.layers // 3
     layouts = cells.layouts(self.layers, self.channels, reduction_prev=self.stem != 'cifar')
-    scan = (default_scan_cells() if self.scan_cells is None else self.scan_cells) and (
-        not self.is_initializing())
+    scan = self.scan_cells and not self.is_initializing()
     for run in runs(layouts, self.genotype, self.stem, self.channels, self.stem_multiplier,
                     aux_cell):
       if scan and len(run) > 1:

@@ -115,13 +115,6 @@ def test_runs_of_like_cells():
       range(0, 1), range(1, 2), range(2, 4), range(4, 5)]
 
 
-def test_cells_are_scanned_on_a_cpu_only(monkeypatch):
-  assert train_config().model.scan_cells is None
-  for backend, scanned in (('cpu', True), ('gpu', False), ('tpu', False)):
-    monkeypatch.setattr(jax, 'default_backend', lambda: backend)
-    assert network.default_scan_cells() == scanned
-
-
 def test_scanned_cells_equal_cells_one_by_one():
   """Runs of like cells as one scan each (with and without remat): the logits, auxiliary
   logits, new batch statistics and gradients of the network cell by cell."""
