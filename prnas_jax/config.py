@@ -78,6 +78,9 @@ def search_config() -> ml_collections.ConfigDict:
       max_skip_normal=-1,  # P-DARTS skip-connect limit on the final normal cell (-1 = off)
       dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
       remat=True,  # recompute each cell (each piece) in the backward pass: less memory
+      # the pieces and whole layouts: a node's candidates of one spec on its edges side by side
+      # (for GPUs, to measure there; on a CPU it steps 4-6x slower: docs/design.md)
+      fuse_edges=False,
       programs='auto',  # compiled programs: pieces, edges, candidates, whole, or auto
       # ('edges' on a CPU, else 'pieces')
       alpha_pullback='auto',  # the alpha half's pullbacks: inputs (skip the weight gradients),

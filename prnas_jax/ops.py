@@ -379,20 +379,32 @@ class Depthwise(nn.Module):
 class Pointwise(nn.Module):
   """1x1 convolution without bias (kernel (1, 1, in, out), initialised as ``nn.Conv``'s) as one
   matrix product over every pixel: XLA:CPU computed the convolution's gradients 1.3-3.3x slower
-  (docs/design.md, "Pointwise convolution")."""
+  (docs/design.md, "Pointwise convolution").
+
+  ``groups``: the channels are that many side-by-side groups, each mapped to ``features``
+  outputs by its own kernel (kernel (1, 1, in / groups, groups * features): the groups' kernels
+  side by side), as one batched product."""
   features: int
   stride: int = 1
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x):
+    g = self.groups
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (1, 1, x.shape[-1], self.features))
+                        (1, 1, x.shape[-1] // g, g * self.features))
     x = x[:, ::self.stride, ::self.stride]
     n, h, w, c = x.shape
-    x, kernel = x.reshape(n * h * w, c), kernel.reshape(c, self.features)
     flag = _KERNEL_GRADS.get()
-    return (x @ kernel if flag is None else _gated_matmul(x, kernel, flag)).reshape(
-        n, h, w, self.features)
+
+    def product(x, kernel):
+      return x @ kernel if flag is None else _gated_matmul(x, kernel, flag)
+    if g == 1:
+      return product(x.reshape(n * h * w, c), kernel.reshape(c, self.features)).reshape(
+          n, h, w, self.features)
+    y = jax.vmap(product, in_axes=1, out_axes=1)(x.reshape(n * h * w, g, c // g),
+                                                  kernel.reshape(c // g, g, self.features))
+    return y.reshape(n, h, w, g * self.features)
 
 
 @jax.custom_vjp
@@ -409,8 +421,8 @@ def _matmul_backward(residuals, g):
 _gated_matmul.defvjp(lambda x, w, w_grad: (x @ w, (x, w, w_grad)), _matmul_backward)
 
 
-def pointwise(features: int, stride: int = 1, name: str = 'pw') -> Pointwise:
-  return Pointwise(features, stride, name=name)
+def pointwise(features: int, stride: int = 1, name: str = 'pw', groups: int = 1) -> Pointwise:
+  return Pointwise(features, stride, groups, name=name)
 
 
 class ReLUConvBN(nn.Module):
@@ -425,36 +437,39 @@ class ReLUConvBN(nn.Module):
 
 
 class SepUnit(nn.Module):
-  """ReLU -> depthwise KxK -> pointwise 1x1 -> BatchNorm."""
+  """ReLU -> depthwise KxK -> pointwise 1x1 -> BatchNorm (``groups``: ``Pointwise``'s)."""
   features: int
   k: int
   dilation: int = 1
   stride: int = 1
   affine: bool = False
   dw_form: str | None = None
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.relu(x)
     x = Depthwise(self.k, self.dilation, self.stride, self.dw_form, name='dw')(x)
-    x = pointwise(self.features)(x)
+    x = pointwise(self.features, groups=self.groups)(x)
     return batch_norm(self.affine)(x, use_running_average=not train)
 
 
 class ConvOp(nn.Module):
-  """A conv candidate: units ``unit0..unitN``; the first carries the stride."""
+  """A conv candidate: units ``unit0..unitN``; the first carries the stride. ``groups``: that
+  many candidates side by side (``Pointwise``), ``channels`` each."""
   spec: Conv
   channels: int
   stride: int = 1
   affine: bool = False
   dw_form: str | None = None
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     widths = unit_widths(self.spec, self.channels)
     for i, width in enumerate(widths[1:]):
       x = SepUnit(width, self.spec.k, self.spec.d, self.stride if i == 0 else 1, self.affine,
-                  self.dw_form, name=f'unit{i}')(x, train)
+                  self.dw_form, self.groups, name=f'unit{i}')(x, train)
     return x
 
 
@@ -544,18 +559,22 @@ class PoolOp(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-  """ReLU, two 1x1 stride-2 convs (one on x shifted by a pixel), concat, BatchNorm."""
+  """ReLU, two 1x1 stride-2 convs (one on x shifted by a pixel), concat, BatchNorm.
+  ``groups``: that many side by side (``Pointwise``), each of ``features`` outputs."""
   features: int
   affine: bool = False
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     if self.features % 2:
       raise ValueError(f'FactorizedReduce needs an even channel count, got {self.features}')
     x = nn.relu(x)
-    half = self.features // 2
-    x = jnp.concatenate([pointwise(half, 2, 'conv1')(x),
-                         pointwise(half, 2, 'conv2')(x[:, 1:, 1:, :])], axis=-1)
+    g, half = self.groups, self.features // 2
+    a = pointwise(half, 2, 'conv1', g)(x)
+    b = pointwise(half, 2, 'conv2', g)(x[:, 1:, 1:, :])
+    x = jnp.concatenate([a.reshape(*a.shape[:3], g, half), b.reshape(*b.shape[:3], g, half)],
+                        axis=-1).reshape(*a.shape[:3], g * self.features)
     return batch_norm(self.affine)(x, use_running_average=not train)
 
 
@@ -593,16 +612,22 @@ class FacConvOp(nn.Module):
 
 
 def make_op(spec: Spec, channels: int, stride: int = 1, affine: bool = False,
-            dw_form: str | None = None, name: str | None = None) -> nn.Module:
-  """The Flax module of candidate ``spec`` on ``channels`` channels; call it as ``op(x, train)``."""
+            dw_form: str | None = None, groups: int = 1, **module) -> nn.Module:
+  """The Flax module of candidate ``spec`` on ``channels`` channels (``module``: its name or
+  parent); call it as ``op(x, train)``. ``groups``: that many copies side by side on
+  ``groups * channels`` channels, each with its own weights (their variables are the copies'
+  side by side on the last axis); not for ``FacConv``."""
   if isinstance(spec, Zero):
-    return ZeroOp(stride, name=name)
+    return ZeroOp(stride, **module)
   if isinstance(spec, Skip):
-    return IdentityOp(name=name) if stride == 1 else FactorizedReduce(channels, affine, name=name)
+    return IdentityOp(**module) if stride == 1 else FactorizedReduce(channels, affine, groups,
+                                                                     **module)
   if isinstance(spec, Pool):
-    return PoolOp(spec, stride, name=name)
+    return PoolOp(spec, stride, **module)
   if isinstance(spec, Conv):
-    return ConvOp(spec, channels, stride, affine, dw_form, name=name)
+    return ConvOp(spec, channels, stride, affine, dw_form, groups, **module)
   if isinstance(spec, FacConv):
-    return FacConvOp(spec, channels, stride, affine, name=name)
+    if groups != 1:
+      raise ValueError(f'{spec} has no side-by-side form')
+    return FacConvOp(spec, channels, stride, affine, **module)
   raise TypeError(f'not a candidate spec: {spec!r}')

@@ -156,7 +156,7 @@ class Search:
     return supernet.build(self.space, layers=s.layers + st.add_layers[i],
                           channels=s.init_channels + st.add_width[i],
                           num_classes=self.splits.num_classes, dw_form=s.dw_form,
-                          remat=s.remat)
+                          remat=s.remat, fuse_edges=s.fuse_edges)
 
   def step_config(self, i: int, net=None) -> search_step.StepConfig:
     """Stage ``i``'s step; with its supernet ``net`` (and batch) ``search.alpha_pullback='auto'``

@@ -35,10 +35,15 @@ class SearchPool(nn.Module):
     return ops.batch_norm(False)(x, use_running_average=not train)
 
 
-def search_op(spec: Spec, channels: int, stride: int, dw_form: str | None) -> nn.Module:
+def search_op(spec: Spec, channels: int, stride: int, dw_form: str | None, groups: int = 1,
+              **module) -> nn.Module:
+  """Candidate ``spec``'s module in the search (named ``str(spec)`` unless ``module`` names it
+  or gives its parent; ``groups`` as in ``ops.make_op``)."""
+  module.setdefault('name', str(spec))
   if isinstance(spec, ops.Pool):
-    return SearchPool(spec, stride, name=str(spec))
-  return ops.make_op(spec, channels, stride, affine=False, dw_form=dw_form, name=str(spec))
+    return SearchPool(spec, stride, **module)
+  return ops.make_op(spec, channels, stride, affine=False, dw_form=dw_form, groups=groups,
+                     **module)
 
 
 class MixedOp(nn.Module):
@@ -79,7 +84,12 @@ class Edge(MixedOp):
 def _run_candidate(parent: nn.Module, spec, channels, stride, dw_form, x, train, skip_drop):
   """Candidate ``spec`` on ``x`` (a module named ``str(spec)`` in ``parent``'s scope), its
   identity skip dropped by ``skip_drop``."""
-  y = search_op(spec, channels, stride, dw_form)(x, train)
+  return _skip_dropped(parent, spec, stride, search_op(spec, channels, stride, dw_form)(x, train),
+                       train, skip_drop)
+
+
+def _skip_dropped(parent: nn.Module, spec, stride, y, train, skip_drop):
+  """``y``, the output of candidate ``spec``, with the identity skip dropped by ``skip_drop``."""
   if skip_drop is not None and train and isinstance(spec, ops.Skip) and stride == 1:
     keep = jax.random.bernoulli(parent.make_rng('dropout'), 1.0 - skip_drop, y.shape)
     y = jnp.where(keep, y / jnp.maximum(1.0 - skip_drop, 1e-6), 0.0)
@@ -102,8 +112,15 @@ class Candidate(nn.Module):
     return weights[index[0], index[1]] * y
 
 
-def _nodes(edges: EdgeOps, layout: CellLayout, dw_form, s0, s1, weights, train, skip_drop):
-  """The cell's nodes from its preprocessed inputs, concatenated (modules ``edge{e}``)."""
+def _nodes(cell: nn.Module, s0, s1, weights, train, skip_drop):
+  """The nodes of ``cell`` (a ``SearchCell`` or ``CellNodes``) from its preprocessed inputs,
+  concatenated (modules ``edge{e}``); with ``cell.fuse_edges`` each node as ``_fused_node``."""
+  edges, layout, dw_form = cell.edges, cell.layout, cell.dw_form
+  if cell.fuse_edges and not cell.is_initializing():
+    states = [s0, s1]
+    for node in range(NODES):
+      states.append(_fused_node(cell, node, states, weights, train, skip_drop))
+    return jnp.concatenate(states[2:], axis=-1)
   states, nodes = [s0, s1], [0.0] * NODES
   for e, (node, j) in enumerate(edge_inputs()):
     y = MixedOp(edges[e], layout.channels, layout.stride(j), dw_form, name=f'edge{e}')(
@@ -114,15 +131,53 @@ def _nodes(edges: EdgeOps, layout: CellLayout, dw_form, s0, s1, weights, train, 
   return jnp.concatenate(states[2:], axis=-1)
 
 
+def _fused_node(cell: nn.Module, node: int, states, weights, train, skip_drop):
+  """Node ``node`` of ``cell`` with the candidates of one spec and stride on its incoming edges
+  computed side by side: their inputs concatenated along channels, one module of that many
+  groups (``ops.make_op``) applied with the edges' variables side by side, its outputs weighted
+  by the edges' weights and summed. New batch statistics go back under each edge's name."""
+  c, stride_of = cell.layout.channels, cell.layout.stride
+  groups = {}
+  for e, (n, j) in enumerate(edge_inputs()):
+    if n == node:
+      for col, spec in enumerate(cell.edges[e]):
+        key = (spec, stride_of(j)) if not isinstance(spec, ops.FacConv) else (spec, e)
+        groups.setdefault(key, []).append((e, j, col))
+  mutable = train and cell.is_mutable_collection('batch_stats')
+  total, new_stats = 0.0, {}
+  for (spec, _), members in groups.items():
+    stride, g = stride_of(members[0][1]), len(members)
+    x = jnp.concatenate([states[j] for _, j, _ in members], axis=-1)
+    variables = {col: jax.tree.map(lambda *v: jnp.concatenate(v, axis=-1), *trees)
+                 for col in ('params', 'batch_stats')
+                 if (trees := [cell.variables.get(col, {}).get(f'edge{e}', {}).get(str(spec))
+                               for e, _, _ in members])[0] is not None}
+    op = search_op(spec, c, stride, cell.dw_form, groups=g, parent=None)
+    y = op.apply(variables, x, train, mutable=['batch_stats'] if mutable else False)
+    if mutable:
+      y, new = y
+      for i, (e, _, _) in enumerate(members):
+        if 'batch_stats' in new:
+          new_stats.setdefault(f'edge{e}', {})[str(spec)] = jax.tree.map(
+              lambda v, i=i: jnp.split(v, g, axis=-1)[i], new['batch_stats'])
+    y = _skip_dropped(cell, spec, stride, y, train, skip_drop)
+    w = jnp.stack([weights[e][col] for e, _, col in members])
+    total = total + jnp.sum(y.reshape(*y.shape[:3], g, c) * w[:, None], axis=-2)
+  for name, stats in new_stats.items():
+    cell.put_variable('batch_stats', name, {**cell.variables['batch_stats'][name], **stats})
+  return total
+
+
 class SearchCell(nn.Module):
   edges: EdgeOps
   layout: CellLayout
   dw_form: str | None = None
+  fuse_edges: bool = False
 
   @nn.compact
   def __call__(self, s0, s1, weights, train: bool, skip_drop=None):
     s0, s1 = cells.preprocess(self.layout, s0, s1, train, affine=False)
-    return _nodes(self.edges, self.layout, self.dw_form, s0, s1, weights, train, skip_drop)
+    return _nodes(self, s0, s1, weights, train, skip_drop)
 
 
 class CellNodes(nn.Module):
@@ -131,10 +186,11 @@ class CellNodes(nn.Module):
   edges: EdgeOps
   layout: CellLayout
   dw_form: str | None = None
+  fuse_edges: bool = False
 
   @nn.compact
   def __call__(self, s0, s1, weights, train: bool, skip_drop=None):
-    return _nodes(self.edges, self.layout, self.dw_form, s0, s1, weights, train, skip_drop)
+    return _nodes(self, s0, s1, weights, train, skip_drop)
 
 
 class Concat(nn.Module):
@@ -171,13 +227,15 @@ class Supernet(nn.Module):
   stem_multiplier: int = 3
   dw_form: str | None = None
   remat: bool = False  # recompute each cell's activations in the backward pass (less memory)
+  fuse_edges: bool = False  # a node's candidates of one spec on its edges side by side
 
   @nn.compact
   def __call__(self, x, weights: Mapping[str, jax.Array], train: bool, skip_drop=None):
     s0, s1 = cells.stem('cifar', self.channels, self.stem_multiplier, x, train)
     cell_cls = nn.remat(SearchCell, static_argnums=(4,)) if self.remat else SearchCell
     for i, layout in enumerate(self.layouts()):
-      cell = cell_cls(getattr(self, layout.kind), layout, self.dw_form, name=f'cell{i}')
+      cell = cell_cls(getattr(self, layout.kind), layout, self.dw_form, self.fuse_edges,
+                      name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, weights[layout.kind], train, skip_drop)
     return cells.classifier(self.num_classes, s1)
 
@@ -207,7 +265,7 @@ class Supernet(nn.Module):
       weights = weights_value(layout.kind)
       if programs == 'pieces':
         nodes = CellNodes(edges, dataclasses.replace(layout, reduction_prev=False), self.dw_form,
-                          parent=None)
+                          self.fuse_edges, parent=None)
         out.append(Piece(f'{cell}/nodes', nodes, (f'{cell}/s0', f'{cell}/s1', weights), (cell,),
                          (cell,), tuple(f'edge{e}' for e in range(len(edges))), dropout=True))
       else:

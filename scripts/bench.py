@@ -276,12 +276,12 @@ def search_case(config, stage: str, batch: int, steps: int, report=lambda fields
   cfg = search_step.StepConfig.from_config(s, 0, MEAN, STD)
   rec = Record(report, batch, case=f'{stage}/{cfg.programs}', stage=stage, programs=cfg.programs,
                layers=s.layers, channels=s.init_channels, dw_form=s.dw_form, search=True,
-               remat=s.remat)
+               remat=s.remat, fuse_edges=s.fuse_edges)
   batches = _random_batches(2 * steps + 2, batch, 32, 10)
   keys = [jax.random.key(i) for i in range(steps + 1)]
   with rec.phase('build'):
-    net = supernet.build(net_space, layers=s.layers,
-                         channels=s.init_channels, dw_form=s.dw_form, remat=s.remat)
+    net = supernet.build(net_space, layers=s.layers, channels=s.init_channels,
+                         dw_form=s.dw_form, remat=s.remat, fuse_edges=s.fuse_edges)
     k_init, k_alpha = jax.random.split(jax.random.key(config.seed))
     variables = supernet.init_variables(net, k_init, (32, 32, 3))
     alphas = supernet.init_alphas(k_alpha, supernet.alpha_masks(net.edge_ops()))

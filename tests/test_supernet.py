@@ -1,5 +1,6 @@
 """The supernet, its alphas and masks, carry-over by name, and the jitted search step."""
 import dataclasses
+import functools
 import threading
 
 import jax
@@ -116,6 +117,51 @@ def test_variable_shapes_of_a_searched_space_are_inits(tiny):
   assert [(x.shape, x.dtype) for x in jax.tree.leaves(walked)] == [
       (x.shape, x.dtype) for x in jax.tree.leaves(inits)]
   assert len({tuple(e) for e in net.normal}) > 5
+
+
+def test_fused_edges_equal_edge_by_edge():
+  """A node's candidates of one spec on its edges side by side (``fuse_edges``, with and
+  without remat): the logits, new batch statistics and gradients of the supernet edge by edge,
+  with fewer operations, in a space whose edges hold different candidate lists (widened and
+  factorised convs, zero, a pool, skips; strided edges in the reduction cells)."""
+  specs = ['pool(max,3)', 'skip', 'none', 'conv(k=3,d=1,mul=[])', 'conv(k=3,d=1,mul=[2])',
+           'fac_conv(3)']
+  rng = np.random.default_rng(1)
+  sp = {kind: space.CellSpace.from_json({
+      'candidates': specs, 'remaining': (rng.random((14, len(specs))) < 0.5) | (
+          np.arange(len(specs)) == rng.integers(0, len(specs), (14, 1))),
+      'discovered': np.ones((14, len(specs))), 'parents': [{}] * 14, 'pending': [[]] * 14})
+      for kind in ('normal', 'reduce')}
+  plain = supernet.build(sp, layers=3, channels=4)
+  masks = supernet.alpha_masks(plain.edge_ops())
+  alphas = supernet.init_alphas(jax.random.key(1), masks, scale=1.0)
+  variables = supernet.init_variables(plain, jax.random.key(2), (16, 16, 3))
+  variables['batch_stats'] = jax.tree.map(lambda v: v + 0.5, variables['batch_stats'])
+  batch = _batch(4)
+  x = batch['image'].astype(jnp.float32) / 255
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(net):
+    def loss(alphas, params):
+      logits, new = net.apply({**variables, 'params': params}, x,
+                              supernet.edge_weights(alphas, masks), train=True,
+                              mutable=['batch_stats'])
+      return optim.cross_entropy(logits, batch['label']), (logits, new)
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(alphas, variables['params'])
+
+  want = run(plain)
+  for remat in (False, True):
+    got = run(plain.clone(fuse_edges=True, remat=remat))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
+  fused = plain.clone(fuse_edges=True)
+  evaluate = [net.apply(variables, x, supernet.edge_weights(alphas, masks), train=False)
+              for net in (plain, fused)]
+  np.testing.assert_allclose(evaluate[1], evaluate[0], rtol=1e-4, atol=1e-5)
+  equations = [str(jax.make_jaxpr(lambda: net.apply(variables, x, supernet.edge_weights(
+      alphas, masks), train=False))()).count('\n') for net in (plain, fused)]
+  assert equations[1] < 0.85 * equations[0], equations  # fewer, wider operations
 
 
 def test_init_draw_does_not_depend_on_the_order_of_the_tree():
