@@ -156,10 +156,11 @@ def _fused_node(cell: nn.Module, node: int, states, weights, train, skip_drop):
     y = op.apply(variables, x, train, mutable=['batch_stats'] if mutable else False)
     if mutable:
       y, new = y
-      for i, (e, _, _) in enumerate(members):
-        if 'batch_stats' in new:
+      if 'batch_stats' in new:
+        parts = jax.tree.map(lambda v: v.reshape(*v.shape[:-1], g, -1), new['batch_stats'])
+        for i, (e, _, _) in enumerate(members):
           new_stats.setdefault(f'edge{e}', {})[str(spec)] = jax.tree.map(
-              lambda v, i=i: jnp.split(v, g, axis=-1)[i], new['batch_stats'])
+              lambda v, i=i: v[..., i, :], parts)
     y = _skip_dropped(cell, spec, stride, y, train, skip_drop)
     w = jnp.stack([weights[e][col] for e, _, col in members])
     total = total + jnp.sum(y.reshape(*y.shape[:3], g, c) * w[:, None], axis=-2)

@@ -29,6 +29,17 @@ def _net(sp):
   return supernet.build(sp, layers=3, channels=4)
 
 
+def _random_space(specs, seed, density):
+  """A space of ``specs`` whose every edge keeps each spec with probability ``density``, and at
+  least one: edges with different candidate lists, as a search leaves them."""
+  rng = np.random.default_rng(seed)
+  return {kind: space.CellSpace.from_json({
+      'candidates': specs, 'remaining': (rng.random((14, len(specs))) < density) | (
+          np.arange(len(specs)) == rng.integers(0, len(specs), (14, 1))),
+      'discovered': np.ones((14, len(specs))), 'parents': [{}] * 14, 'pending': [[]] * 14})
+      for kind in ('normal', 'reduce')}
+
+
 def _batch(seed, n=8):
   rng = np.random.default_rng(seed)
   return {'image': jnp.asarray(rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)),
@@ -101,13 +112,7 @@ def test_variable_shapes_of_a_searched_space_are_inits(tiny):
   candidate lists (morphed ones among them), with rematerialised cells."""
   specs = ['pool(max,3)', 'pool(avg,3)', 'skip', 'conv(k=3,d=1,mul=[])', 'conv(k=3,d=2,mul=[])',
            'conv(k=3,d=1,mul=[1])', 'conv(k=5,d=1,mul=[])', 'conv(k=3,d=1,mul=[2])']
-  rng = np.random.default_rng(0)
-  sp = {kind: space.CellSpace.from_json({
-      'candidates': specs, 'remaining': (rng.random((14, len(specs))) < 0.4) | (
-          np.arange(len(specs)) == rng.integers(0, len(specs), (14, 1))),
-      'discovered': np.ones((14, len(specs))), 'parents': [{}] * 14, 'pending': [[]] * 14})
-      for kind in ('normal', 'reduce')}
-  net = supernet.build(sp, layers=4, channels=4, remat=True)
+  net = supernet.build(_random_space(specs, 0, 0.4), layers=4, channels=4, remat=True)
   masks = supernet.alpha_masks(net.edge_ops())
   inits = jax.eval_shape(lambda: net.init(
       jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
@@ -126,13 +131,7 @@ def test_fused_edges_equal_edge_by_edge():
   factorised convs, zero, a pool, skips; strided edges in the reduction cells)."""
   specs = ['pool(max,3)', 'skip', 'none', 'conv(k=3,d=1,mul=[])', 'conv(k=3,d=1,mul=[2])',
            'fac_conv(3)']
-  rng = np.random.default_rng(1)
-  sp = {kind: space.CellSpace.from_json({
-      'candidates': specs, 'remaining': (rng.random((14, len(specs))) < 0.5) | (
-          np.arange(len(specs)) == rng.integers(0, len(specs), (14, 1))),
-      'discovered': np.ones((14, len(specs))), 'parents': [{}] * 14, 'pending': [[]] * 14})
-      for kind in ('normal', 'reduce')}
-  plain = supernet.build(sp, layers=3, channels=4)
+  plain = supernet.build(_random_space(specs, 1, 0.5), layers=3, channels=4)
   masks = supernet.alpha_masks(plain.edge_ops())
   alphas = supernet.init_alphas(jax.random.key(1), masks, scale=1.0)
   variables = supernet.init_variables(plain, jax.random.key(2), (16, 16, 3))
@@ -156,8 +155,8 @@ def test_fused_edges_equal_edge_by_edge():
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
       np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
   fused = plain.clone(fuse_edges=True)
-  evaluate = [net.apply(variables, x, supernet.edge_weights(alphas, masks), train=False)
-              for net in (plain, fused)]
+  evaluate = [jax.jit(lambda net=net: net.apply(variables, x, supernet.edge_weights(
+      alphas, masks), train=False))() for net in (plain, fused)]
   np.testing.assert_allclose(evaluate[1], evaluate[0], rtol=1e-4, atol=1e-5)
   equations = [str(jax.make_jaxpr(lambda: net.apply(variables, x, supernet.edge_weights(
       alphas, masks), train=False))()).count('\n') for net in (plain, fused)]
