@@ -208,7 +208,7 @@ def unit_widths(spec: Conv, channels: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Flax modules. Every candidate maps (N, H, W, C) -> (N, H/stride, W/stride, C).
 
-DW_FORMS = ('grouped', 'dense', 'shift')
+DW_FORMS = ('grouped', 'dense', 'shift', 'shift_fused')
 
 
 def check_dw_form(form: str, key: str) -> None:
@@ -253,13 +253,15 @@ def depthwise_conv(x, kernel, *, stride=1, dilation=1, form=None):
   ``kernel`` is (K, K, 1, C). All forms compute the same function: ``'grouped'`` uses
   ``feature_group_count=C``; ``'dense'`` convolves with the dense diagonal kernel
   ``kernel * eye(C)``; ``'shift'`` sums K*K strided slices of the padded input times their tap
-  (``shift_depthwise``).
+  (``shift_depthwise``), and ``'shift_fused'`` too, with nothing that keeps XLA from fusing
+  its slices (measured for GPUs).
   """
   form = form or default_dw_form()
   k, c = kernel.shape[0], kernel.shape[-1]
   p = (k - 1) * dilation // 2
-  if form == 'shift':
-    return shift_depthwise(x, kernel, _KERNEL_GRADS.get(), stride, dilation)
+  if form in ('shift', 'shift_fused'):
+    return shift_depthwise(x, kernel, _KERNEL_GRADS.get(), stride, dilation,
+                           form == 'shift_fused')
   if form == 'grouped':
     rhs, groups = kernel, c
   elif form == 'dense':
@@ -283,46 +285,53 @@ def _taps(xp, k, dilation, stride, size, offset=lambda i: i):
                                c), (1, stride, stride, 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def shift_depthwise(x, kernel, kernel_grad, stride, dilation):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def shift_depthwise(x, kernel, kernel_grad, stride, dilation, fused):
   """Depthwise convolution as K*K shifted slices times their tap, elementwise work only; the
   kernel's gradient is zero where ``kernel_grad`` is false (``kernel_grads``).
 
   Its hand-written backward pass is made of the same slices (the input gradient is the
   flipped-kernel convolution of the zero-interleaved output gradient, the kernel gradient one
   reduction per tap) instead of the K*K padded copies that autodiff of slices would add up.
-  Optimisation barriers around the padded inputs and the results keep XLA from fusing the
-  producers into every tap and the taps into every consumer (each would then be recomputed).
+  Unless ``fused``, optimisation barriers around the padded inputs and the results keep XLA
+  from fusing the producers into every tap and the taps into every consumer (each would then be
+  recomputed), and the kernel gradient's taps run one after another in a loop, as XLA:CPU runs
+  them fastest; ``fused`` leaves all of it to XLA to fuse (on a GPU each step of a loop is
+  kernel launches of its own).
   """
-  return _shift_forward(x, kernel, kernel_grad, stride, dilation)[0]
+  return _shift_forward(x, kernel, kernel_grad, stride, dilation, fused)[0]
 
 
-def _shift_forward(x, kernel, kernel_grad, stride, dilation):
+def _hold(x, fused=False):
+  """``x`` behind an optimisation barrier, unless ``fused``."""
+  return x if fused else jax.lax.optimization_barrier(x)
+
+
+def _shift_forward(x, kernel, kernel_grad, stride, dilation, fused):
   k = kernel.shape[0]
   p = (k - 1) * dilation // 2
-  xp = jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))))
+  xp = _hold(jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))), fused)
   size = tuple((n + 2 * p - dilation * (k - 1) - 1) // stride + 1 for n in x.shape[1:3])
   out = sum(tap * kernel[i, j, 0] for (i, j), tap in _taps(xp, k, dilation, stride, size))
-  return jax.lax.optimization_barrier(out), (xp, kernel, kernel_grad)
+  return _hold(out, fused), (xp, kernel, kernel_grad)
 
 
-def _interleave(g, stride, span, size, fill=0.0):
+def _interleave(g, stride, span, size, fill=0.0, fused=False):
   """``g`` (an output-sized array) with ``stride - 1`` rows and columns of ``fill`` between its
   own, and ``span`` before them, so that the backward passes read it, for an input of ``size``
   (H, W), with the forward's taps: ``gd[y + p - i*d]`` is a slice starting at ``(K-1-i)*d + p``."""
   pads = [(span, size[a] + span - (g.shape[a + 1] - 1) * stride - 1, stride - 1) for a in (0, 1)]
-  return jax.lax.optimization_barrier(
-      jax.lax.pad(g, jnp.asarray(fill, g.dtype), [(0, 0, 0), *pads, (0, 0, 0)]))
+  return _hold(jax.lax.pad(g, jnp.asarray(fill, g.dtype), [(0, 0, 0), *pads, (0, 0, 0)]), fused)
 
 
-def _shift_backward(stride, dilation, residuals, g):
+def _shift_backward(stride, dilation, fused, residuals, g):
   xp, kernel, kernel_grad = residuals
   k = kernel.shape[0]
   p = (k - 1) * dilation // 2
   size = (xp.shape[1] - 2 * p, xp.shape[2] - 2 * p)
-  dx = _taps_transposed(g, k, dilation, stride, size, lambda i, j: kernel[i, j, 0])
-  dk = _gated(kernel_grad, lambda: _kernel_grad(xp, g, k, dilation, stride).reshape(kernel.shape),
-              kernel)
+  dx = _taps_transposed(g, k, dilation, stride, size, lambda i, j: kernel[i, j, 0], fused)
+  dk = _gated(kernel_grad, lambda: _kernel_grad(xp, g, k, dilation, stride, fused).reshape(
+      kernel.shape), kernel)
   return dx, dk, None
 
 
@@ -331,21 +340,25 @@ def _gated(flag, grad, like):
   return grad() if flag is None else jax.lax.cond(flag, grad, lambda: jnp.zeros_like(like))
 
 
-def _taps_transposed(g, k, dilation, stride, size, weight):
+def _taps_transposed(g, k, dilation, stride, size, weight, fused=False):
   """The input gradient of ``sum_ij weight(i, j) * tap_ij`` for an input of ``size`` (H, W):
   ``dx[y] = sum_i gd[y + p - i*d] * weight(i)``, where ``gd`` is ``g`` with ``stride - 1`` zeros
   between its rows and columns."""
   span = (k - 1) * dilation
-  gp = _interleave(g, stride, span, size)
+  gp = _interleave(g, stride, span, size, fused=fused)
   dx = sum(tap * weight(i, j) for (i, j), tap in _taps(
       gp, k, dilation, 1, size, offset=lambda i: k - 1 - i + span // 2 // dilation))
-  return jax.lax.optimization_barrier(dx)
+  return _hold(dx, fused)
 
 
-def _kernel_grad(xp, g, k, dilation, stride):
-  """The K*K tap reductions ``sum(tap * g)`` one after another in a loop: XLA:CPU runs them
-  unrolled side by side 5x slower at K=5 (18 vs 3.5 ms, batch 32, C=16)."""
+def _kernel_grad(xp, g, k, dilation, stride, fused):
+  """The K*K tap reductions ``sum(tap * g)``: one after another in a loop (XLA:CPU runs them
+  unrolled side by side 5x slower at K=5: 18 vs 3.5 ms, batch 32, C=16), or if ``fused``
+  unrolled."""
   n, h, w, c = g.shape
+  if fused:
+    return jnp.stack([jnp.sum(tap * g, axis=(0, 1, 2))
+                      for _, tap in _taps(xp, k, dilation, stride, (h, w))])
   span = (n, (h - 1) * stride + 1, (w - 1) * stride + 1, c)
 
   def tap_grad(ij):

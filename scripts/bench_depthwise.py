@@ -1,5 +1,5 @@
-"""Times the two depthwise forms (grouped vs dense-diagonal), forward + backward; one JSON line
-per (k, dilation): python scripts/bench_depthwise.py [--batch 64 --size 32 --channels 16]."""
+"""Times the depthwise forms (``ops.DW_FORMS``), forward + backward; one JSON line per
+(k, dilation): python scripts/bench_depthwise.py [--batch 64 --size 32 --channels 16]."""
 import json
 import statistics
 import sys

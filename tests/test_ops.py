@@ -151,18 +151,19 @@ def test_depthwise_forms_agree(k, d, stride):
     return jnp.sum(jnp.sin(y)), y
 
   (_, y_g), g_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w, 'grouped')
-  for form in ('dense', 'shift'):
+  for form in ('dense', 'shift', 'shift_fused'):
     (_, y), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w, form)
     np.testing.assert_allclose(y, y_g, rtol=1e-5, atol=1e-5)
     for a, b in zip(g, g_g):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_grads_flag_zeroes_only_the_kernel_gradients_at_run_time():
+@pytest.mark.parametrize('form', ['shift', 'shift_fused'])
+def test_kernel_grads_flag_zeroes_only_the_kernel_gradients_at_run_time(form):
   """One program, the flag its argument: false gives zero kernel gradients (depthwise and
   pointwise) and the same input gradient; true the gradients without the flag."""
   x = jax.random.normal(jax.random.key(5), (2, 7, 7, C))
-  unit = ops.SepUnit(2 * C, 3, stride=2, dw_form='shift')
+  unit = ops.SepUnit(2 * C, 3, stride=2, dw_form=form)
   variables = unit.init(jax.random.key(6), x, train=True)
 
   def loss(params, x):
@@ -202,7 +203,7 @@ def test_unknown_form_is_refused():
     ops.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), form='sparse')
 
 
-@pytest.mark.parametrize('form', ['dense', 'shift'])
+@pytest.mark.parametrize('form', ['dense', 'shift', 'shift_fused'])
 def test_conv_op_forms_agree_as_modules(form):
   x = jax.random.normal(jax.random.key(4), (2, 8, 8, C))
   vg, yg = _init_apply(Conv(3, 2, (1,)), 2, x=x, dw_form='grouped')
