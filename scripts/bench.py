@@ -101,6 +101,10 @@ _VARIANTS = flags.DEFINE_multi_string(
 _PROFILE = flags.DEFINE_bool(
     'profile_compile', False, 'Profile each case\'s compile phase (jax.profiler, no Python '
     'tracer) and keep in its row the activities of the longest summed time (compile_profile).')
+_PROFILE_STEPS = flags.DEFINE_integer(
+    'profile_steps', 0, 'Profile this many steps after the timed ones and keep in each row the '
+    'activities (kernels on an accelerator) of the longest time per step (step_profile) and '
+    'each thread\'s time per step (step_profile_threads).', lower_bound=0)
 _FLOPS = flags.DEFINE_bool('flops', False, 'Also XLA\'s FLOP count of a step and the FLOP/s.')
 _OUT = flags.DEFINE_string('out', 'runs/bench.json', 'The JSON file; the table goes beside it '
                            '(.md).')
@@ -153,11 +157,13 @@ def _memory() -> dict:
 
 
 @contextlib.contextmanager
-def _profiled(fields: dict):
+def _profiled(fields: dict, key: str, per: int = 1):
   """Profiles the block (host activities and, on an accelerator, its kernels) and sets
-  ``fields['compile_profile']`` to the ``PROFILE_TOP`` activity names of the longest summed
-  time, each ``[name, seconds, count]`` (over threads; nested activities count in their callers'
-  time too)."""
+  ``fields[key]`` to the ``PROFILE_TOP`` activities of the longest summed time, each ``[thread,
+  name, seconds, count]`` divided by ``per`` (the steps profiled), ``thread`` being its process
+  and thread (``/device:GPU:0/Stream #13(...)``, ``/host:CPU/python``), and
+  ``fields[key + '_threads']`` to each thread's ``[seconds, count]`` (nested activities count in
+  their callers' time too)."""
   options = jax.profiler.ProfileOptions()
   options.python_tracer_level = 0
   with tempfile.TemporaryDirectory(prefix='prnas_profile_') as folder:
@@ -165,19 +171,34 @@ def _profiled(fields: dict):
       yield
     trace = json.loads(gzip.decompress(next(Path(folder).rglob('perfetto_trace.json.gz'))
                                        .read_bytes()))
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  names = {}
+  for event in events:
+    if event.get('ph') == 'M' and event.get('name') in ('process_name', 'thread_name'):
+      names[event['pid'], event.get('tid')] = re.sub(r'/-?\d+$', '', event['args']['name'])
   seconds, counts = collections.Counter(), collections.Counter()
-  for event in trace['traceEvents'] if isinstance(trace, dict) else trace:
+  for event in events:
     if event.get('ph') == 'X':
-      seconds[event['name']] += event.get('dur', 0) / 1e6
-      counts[event['name']] += 1
-  fields['compile_profile'] = [[name, round(t, 3), counts[name]]
-                               for name, t in seconds.most_common(PROFILE_TOP)]
+      where = (f'{names.get((event.get("pid"), None), "?")}/'
+               f'{names.get((event.get("pid"), event.get("tid")), "?")}')
+      seconds[where, event['name']] += event.get('dur', 0) / 1e6 / per
+      counts[where, event['name']] += 1 / per
+  threads = collections.defaultdict(lambda: [0.0, 0.0])
+  for (where, _), t in seconds.items():
+    threads[where][0] += t
+  for (where, _), n in counts.items():
+    threads[where][1] += n
+  fields[key] = [[where, name, round(t, 6), round(counts[where, name], 2)]
+                 for (where, name), t in seconds.most_common(PROFILE_TOP)]
+  fields[f'{key}_threads'] = {where: [round(t, 6), round(n, 2)]
+                              for where, (t, n) in sorted(threads.items())}
 
 
 class Record:
   """The fields of one case, handed to ``report`` at the start of every phase with everything
   measured so far, so that a case killed on the way still says what it measured and where."""
   profile = False  # profile the compile phase (_profiled)
+  profile_steps = 0  # steps to profile after the timed ones
 
   def __init__(self, report, batch: int, dw_form: str, search: bool, **fields):
     """``dw_form``: the config's ('' = the backend's default for a search or training)."""
@@ -216,7 +237,8 @@ class Record:
     n, t0, cpu0 = len(_COMPILED), time.perf_counter(), _cpu_seconds()
     self.current = name, collections.Counter(_SECONDS)
     profiled = {}
-    with _profiled(profiled) if self.profile and name == 'compile' else contextlib.nullcontext():
+    with (_profiled(profiled, 'compile_profile') if self.profile and name == 'compile'
+          else contextlib.nullcontext()):
       yield
     self.compiled()
     self.fields.update(profiled)
@@ -247,6 +269,12 @@ class Record:
     self.update('done', step_s=step_s, images_per_s=self.batch / step_s,
                 step_cores=sum(cpu[1:]) / sum(times[1:]),
                 **(counts if _COMPILED else {}))  # none if this jax reports no compiles
+    if self.profile_steps:
+      profiled = {}
+      with _profiled(profiled, 'step_profile', self.profile_steps):
+        for i in range(self.profile_steps):
+          state = jax.block_until_ready(step(state, 1 + i % n))
+      self.update('done', **profiled)
     return state
 
 
@@ -490,7 +518,7 @@ def _shrink(section, layers: str, channels: str) -> None:
 
 def child(case: str, path: Path) -> None:
   cli.use_compile_cache(True)  # as the runs use it, in the folder run_child chose
-  Record.profile = _PROFILE.value
+  Record.profile, Record.profile_steps = _PROFILE.value, _PROFILE_STEPS.value
 
   def report(fields):
     with open(path, 'a') as f:

@@ -98,8 +98,22 @@ def test_a_profiled_compile_names_where_its_time_went():
     jax.jit(lambda x: jax.numpy.sin(x) * time.time()).lower(1.0).compile()
   top = rec.fields['compile_profile']
   assert 0 < len(top) <= _bench().PROFILE_TOP
-  assert [t for _, t, _ in top] == sorted((t for _, t, _ in top), reverse=True)
-  assert any('Compile' in name and count >= 1 for name, _, count in top), top
+  assert [t for _, _, t, _ in top] == sorted((t for _, _, t, _ in top), reverse=True)
+  assert any('Compile' in name and count >= 1 for _, name, _, count in top), top
+  assert all(thread.startswith('/host:CPU/') for thread, _, _, _ in top), top
+  threads = rec.fields['compile_profile_threads']
+  assert threads['/host:CPU/python'][0] >= max(t for thread, _, t, _ in top
+                                               if thread == '/host:CPU/python')
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections
+def test_profiled_steps_give_their_activities_per_step():
+  rec = _bench().Record(lambda fields: None, 8, '', search=False)
+  rec.profile_steps, rec.fields['build_s'], rec.fields['compile_s'] = 2, 0.0, 0.0
+  f = jax.jit(lambda x: jax.numpy.sin(x) @ x)
+  rec.steps(lambda x, i: f(x), jax.numpy.ones((64, 64)), 2)
+  top = rec.fields['step_profile']
+  assert any(name.startswith('sin') and count == 1 for _, name, _, count in top), top  # per step
 
 
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections
