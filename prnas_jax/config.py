@@ -76,7 +76,7 @@ def search_config() -> ml_collections.ConfigDict:
       reinit_morphed_every_stage=False,  # True: the reference's every-stage re-initialisation
       drop_zero_last=False,  # the reference's --restrict_zero in the last stage
       max_skip_normal=-1,  # P-DARTS skip-connect limit on the final normal cell (-1 = off)
-      dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
+      dw_form='',  # depthwise form: '' = per backend, shift | shift_fused | dense | grouped
       remat=True,  # recompute each cell (each piece) in the backward pass: less memory
       # the pieces and whole layouts: a node's candidates of one spec on its edges side by side
       # (for GPUs, to measure there; on a CPU it steps 4-6x slower: docs/design.md)
@@ -192,7 +192,7 @@ def train_config() -> ml_collections.ConfigDict:
       auxiliary=True,
       aux_weight=0.4,
       drop_path=0.3,  # the rate ramps linearly from 0 to this over training
-      dw_form='',  # depthwise convolution form: '' = per backend, shift | dense | grouped
+      dw_form='',  # depthwise form: '' = per backend, shift | shift_fused | dense | grouped
       remat=False,  # recompute cell activations in the backward pass: less memory, more time
       scan_cells=False,  # each run of like cells as one lax.scan: a shorter compile, slower step
   ))
