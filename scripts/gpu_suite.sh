@@ -4,7 +4,8 @@
 # .whl/, then runs scripts/bench.py within a 440 s budget, every case cold (all at once), then
 # warm from the persistent compilation cache (one at a time), and writes bench.json, bench.md and
 # bench.log into $OUT (else runs/bench). Further arguments go to bench.py (e.g. --cases
-# first,retrain, --variant NAME ARG...).
+# first,retrain, --variant NAME ARG...). With DEPTHWISE_BATCH=N set, it first times the
+# depthwise forms alone at that batch (scripts/bench_depthwise.py, into depthwise.jsonl).
 #
 # The wheels, fetched once where pip reaches the index, from the repository root (.whl/ is
 # ignored by git; the packages are pure Python, so any machine can fetch them):
@@ -21,5 +22,9 @@ if ! python3 -c 'import ml_collections, tensorboardX' 2>/dev/null; then
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if [[ -n "${DEPTHWISE_BATCH:-}" ]]; then
+  python3 scripts/bench_depthwise.py --batch "$DEPTHWISE_BATCH" --repeats 50 \
+    2> "$out/depthwise.log" | tee "$out/depthwise.jsonl"
+fi
 PYTHONUNBUFFERED=1 python3 scripts/bench.py --jobs 9 --budget_s 440 --compile_cache \
   --out "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
