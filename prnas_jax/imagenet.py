@@ -61,6 +61,11 @@ class Stream:
   def __len__(self):
     return len(self.source)
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the batches' images."""
+    return self.image_size, self.image_size, 3
+
   def _load(self, indices, crop):
     images = np.zeros((len(indices), self.image_size, self.image_size, 3), np.uint8)
     labels = np.full(len(indices), -1, np.int32)

@@ -1,5 +1,8 @@
 """The ImageNet input (tfds imagenet2012 faked with tfds.testing.mock_data): crops, batches,
 padding, determinism, and one training step of the ImageNet network on it."""
+import runpy
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -65,6 +68,20 @@ def test_imagenet_training_step_learns_on_one_batch(tmp_path):
                                 jax.random.key(i), net=net, cfg=cfg)
     losses.append(float(m['loss']))
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_imagenet_retraining_runs_end_to_end(tmp_path):
+  """``train.run`` on the ImageNet input: the network built for the streams' image shape, one
+  epoch trained and evaluated, the results written."""
+  config = runpy.run_path(str(Path(__file__).parents[1] / 'configs' / 'train_imagenet.py'))[
+      'get_config']()
+  config.data.tfds_data_dir = str(tmp_path / 'tfds')
+  config.model.update(layers=3, init_channels=4)
+  config.epochs, config.batch_size, config.test_batch_size, config.image_size = 1, 4, 4, 64
+  with tfds.testing.mock_data(num_examples=8):
+    results = train.run(config, tmp_path / 'run')
+  assert results['finished'] and results['history'][0]['test_loss'] > 0
+  assert (tmp_path / 'run' / 'results.json').exists()
 
 
 def test_color_jitter_keeps_range_and_shape():
