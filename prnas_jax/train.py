@@ -7,6 +7,7 @@ network and prints ``params: N`` (without the auxiliary head, as the papers coun
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from pathlib import Path
 
@@ -135,11 +136,8 @@ class Training:
     writer = metrics.Writer(self.workdir)
     progress = metrics.Progress(
         (c.epochs - record['epoch']) * self.steps_per_epoch * c.batch_size, c.log_every)
-    example = {'image': jax.ShapeDtypeStruct((c.batch_size, *self.train.image_shape), jnp.uint8,
-                                             sharding=parallel.batch_sharded()),
-               'label': jax.ShapeDtypeStruct((c.batch_size,), jnp.int32,
-                                             sharding=parallel.batch_sharded())}
-    step, seconds = train_step.compile_train_step(state, example, net=self.net, cfg=self.cfg)
+    step, seconds = train_step.compile_train_step(
+        state, _abstract_batch(c.batch_size, self.train.image_shape), net=self.net, cfg=self.cfg)
     log.info(f'compiled the training step in {seconds:.1f} s')
 
     def begin(epoch):
@@ -166,8 +164,12 @@ class Training:
     spec = loop.Epochs(count=c.epochs, steps=self.steps_per_epoch, batch=c.batch_size,
                        evaluation='test', evaluate_from=0,
                        nan_fix='lower lr, or check the data; the last good checkpoint is kept')
-    loop.run(spec, state, record['epoch'], begin=begin, evaluate=self.evaluate, save=save,
-             writer=writer, progress=progress)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the test step compiles meanwhile
+      self.test_program = pool.submit(train_step.test_step.lower(
+          state, _abstract_batch(c.test_batch_size, self.test.image_shape), net=self.net,
+          mean=self.mean, std=self.std).compile)
+      loop.run(spec, state, record['epoch'], begin=begin, evaluate=self.evaluate, save=save,
+               writer=writer, progress=progress)
     writer.close()
     self.checkpoints.close()
     return self.results(record)
@@ -190,11 +192,19 @@ class Training:
         'params'])
 
   def evaluate(self, state) -> dict:
-    """Plain cross-entropy and accuracy on the whole test split."""
-    return loop.mean_loss_accuracy(
-        train_step.test_step(state, parallel.shard_batch(batch), net=self.net, mean=self.mean,
-                             std=self.std)
-        for batch in self.test.eval_batches(self.config.test_batch_size))
+    """Plain cross-entropy and accuracy on the whole test split, by the test step that ``run``
+    compiles in a thread while the first epoch trains (no stall at the first evaluation)."""
+    test_step = self.test_program.result()
+    return loop.mean_loss_accuracy(test_step(state, parallel.shard_batch(batch))
+                                   for batch in self.test.eval_batches(self.config.test_batch_size))
+
+
+def _abstract_batch(batch: int, image_shape) -> dict:
+  """A global batch of ``batch`` uint8 images of ``image_shape`` and labels, as abstract arrays
+  placed as ``parallel.shard_batch`` places them."""
+  shapes = {'image': ((batch, *image_shape), jnp.uint8), 'label': ((batch,), jnp.int32)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharded())
+          for k, (shape, dtype) in shapes.items()}
 
 
 def load_data(config):

@@ -1,6 +1,8 @@
 """The ImageNet input (tfds imagenet2012 faked with tfds.testing.mock_data): crops, batches,
 padding, determinism, and one training step of the ImageNet network on it."""
 import runpy
+import threading
+import types
 from pathlib import Path
 
 import jax
@@ -70,18 +72,28 @@ def test_imagenet_training_step_learns_on_one_batch(tmp_path):
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
-def test_imagenet_retraining_runs_end_to_end(tmp_path):
+def test_imagenet_retraining_runs_end_to_end(tmp_path, monkeypatch):
   """``train.run`` on the ImageNet input: the network built for the streams' image shape, one
-  epoch trained and evaluated, the results written."""
+  epoch trained and evaluated by the test step compiled in another thread, the results
+  written."""
   config = runpy.run_path(str(Path(__file__).parents[1] / 'configs' / 'train_imagenet.py'))[
       'get_config']()
   config.data.tfds_data_dir = str(tmp_path / 'tfds')
   config.model.update(layers=3, init_channels=4)
   config.epochs, config.batch_size, config.test_batch_size, config.image_size = 1, 4, 4, 64
-  with tfds.testing.mock_data(num_examples=8):
+  compiled_on, test_step = [], train_step.test_step
+
+  class Recorded:
+    def lower(self, *args, **kwargs):
+      lowered = test_step.lower(*args, **kwargs)
+      return types.SimpleNamespace(compile=lambda: compiled_on.append(threading.get_ident())
+                                   or lowered.compile())
+  with monkeypatch.context() as patch, tfds.testing.mock_data(num_examples=8):
+    patch.setattr(train_step, 'test_step', Recorded())
     results = train.run(config, tmp_path / 'run')
   assert results['finished'] and results['history'][0]['test_loss'] > 0
   assert (tmp_path / 'run' / 'results.json').exists()
+  assert len(compiled_on) == 1 and compiled_on[0] != threading.get_ident()
 
 
 def test_color_jitter_keeps_range_and_shape():
