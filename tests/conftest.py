@@ -1,6 +1,7 @@
-"""Test-wide settings: CPU only, the entry points' XLA flags, full-precision float32 matmuls, and
+"""Test-wide settings: CPU only, the entry points' XLA flags, full-precision float32 matmuls,
 XLA's fast-compile mode (compile time dominates tiny test networks; tests that need fast steps
-turn it back on), no downloads, and a check that a written picture is plausible."""
+turn it back on), no persistent compilation cache in-process, no downloads, and a check that a
+written picture is plausible."""
 import os
 import subprocess
 from pathlib import Path
@@ -17,6 +18,11 @@ from prnas_jax import cifar, cli  # noqa: E402
 cli.set_xla_flags()  # before JAX starts its backends, as the entry points do
 jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_disable_most_optimizations', True)
+# No persistent compilation cache in this process (the runs' subprocesses keep theirs): three of
+# the four crashes of fresh-clone suites were segmentation faults in XLA:CPU's (jaxlib 0.10.2)
+# serialization of executables for the cache, late in the process, which every entry point that
+# a test calls turned on for all later tests (cli.use_compile_cache).
+jax.config.update('jax_enable_compilation_cache', False)
 
 
 @pytest.fixture(autouse=True)
