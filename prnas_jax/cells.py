@@ -90,20 +90,13 @@ class CellInputs(nn.Module):
     return preprocess(self.layout, s0, s1, train, self.affine)
 
 
-STEM_KEYS = {'cifar': ('stem', 'stem_bn'),  # the stems' variables (``stem``'s module names)
-             'imagenet': ('stem0a', 'stem0a_bn', 'stem0b', 'stem0b_bn', 'stem1', 'stem1_bn')}
-
-
 class Stem(nn.Module):
-  """``stem`` as a module of its own (a piece): the CIFAR stem's one output to ``channels``
-  (``c_{k-2} = c_{k-1}``), or the ImageNet stems' two for a network of C = ``channels``."""
+  """The CIFAR stem as a module of its own (a supernet piece): ``c_{k-2} = c_{k-1}``."""
   channels: int
-  kind: str = 'cifar'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    s0, s1 = stem(self.kind, self.channels, 1, x, train)
-    return s0 if self.kind == 'cifar' else (s0, s1)
+    return stem('cifar', self.channels, 1, x, train)[0]
 
 
 class Head(nn.Module):
