@@ -254,7 +254,7 @@ def depthwise_conv(x, kernel, *, stride=1, dilation=1, form=None):
   ``feature_group_count=C``; ``'dense'`` convolves with the dense diagonal kernel
   ``kernel * eye(C)``; ``'shift'`` sums K*K strided slices of the padded input times their tap
   (``shift_depthwise``), and ``'shift_fused'`` too, with nothing that keeps XLA from fusing
-  its slices (measured for GPUs).
+  its slices (meant for GPUs, not yet measured there).
   """
   form = form or default_dw_form()
   k, c = kernel.shape[0], kernel.shape[-1]

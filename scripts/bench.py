@@ -184,10 +184,9 @@ def _profiled(fields: dict, key: str, per: int = 1):
       seconds[where, event['name']] += event.get('dur', 0) / 1e6 / per
       counts[where, event['name']] += 1 / per
   threads = collections.defaultdict(lambda: [0.0, 0.0])
-  for (where, _), t in seconds.items():
+  for (where, name), t in seconds.items():
     threads[where][0] += t
-  for (where, _), n in counts.items():
-    threads[where][1] += n
+    threads[where][1] += counts[where, name]
   fields[key] = [[where, name, round(t, 6), round(counts[where, name], 2)]
                  for (where, name), t in seconds.most_common(PROFILE_TOP)]
   fields[f'{key}_threads'] = {where: [round(t, 6), round(n, 2)]
