@@ -90,13 +90,20 @@ class CellInputs(nn.Module):
     return preprocess(self.layout, s0, s1, train, self.affine)
 
 
+STEM_KEYS = {'cifar': ('stem', 'stem_bn'),  # the stems' variables (``stem``'s module names)
+             'imagenet': ('stem0a', 'stem0a_bn', 'stem0b', 'stem0b_bn', 'stem1', 'stem1_bn')}
+
+
 class Stem(nn.Module):
-  """The CIFAR stem as a module of its own (a supernet piece): ``c_{k-2} = c_{k-1}``."""
+  """``stem`` as a module of its own (a piece): the CIFAR stem's one output to ``channels``
+  (``c_{k-2} = c_{k-1}``), or the ImageNet stems' two for a network of C = ``channels``."""
   channels: int
+  kind: str = 'cifar'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    return stem('cifar', self.channels, 1, x, train)[0]
+    s0, s1 = stem(self.kind, self.channels, 1, x, train)
+    return s0 if self.kind == 'cifar' else (s0, s1)
 
 
 class Head(nn.Module):

@@ -175,6 +175,7 @@ def validate(config) -> None:
 
 
 SCHEDULES = ('cosine', 'linear')
+TRAIN_PROGRAMS = ('auto', 'whole', 'pieces')  # model.programs: docs/design.md, "Program layouts"
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -195,6 +196,7 @@ def train_config() -> ml_collections.ConfigDict:
       dw_form='',  # depthwise form: '' = per backend, shift | shift_fused | dense | grouped
       remat=False,  # recompute cell activations in the backward pass: less memory, more time
       scan_cells=False,  # each run of like cells as one lax.scan: a shorter compile, slower step
+      programs='auto',  # whole | pieces (stem, cells, heads compiled apart) | auto (per backend)
   ))
   c.epochs = 600  # 0 = build the network, print its parameter count, exit
   c.batch_size = 128
@@ -228,6 +230,12 @@ def validate_train(config) -> None:
   if m.layers < 3 or m.init_channels < 2 or m.init_channels % 2:
     raise UserError(f'model.layers = {m.layers}, model.init_channels = {m.init_channels}: use '
                     'at least 3 layers and an even channel count >= 2')
+  if m.programs not in TRAIN_PROGRAMS:
+    raise UserError(f'model.programs = {m.programs!r} is unknown: use one of '
+                    f'{", ".join(TRAIN_PROGRAMS)}')
+  if m.programs == 'pieces' and m.scan_cells:
+    raise UserError('model.programs=pieces and model.scan_cells=true exclude each other (the '
+                    'pieces compile each cell apart): pass one of them')
   if not 0 <= m.drop_path < 1:
     raise UserError(f'model.drop_path = {m.drop_path}: use a rate in [0, 1)')
   if config.checkpoints_kept < 1:

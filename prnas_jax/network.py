@@ -16,6 +16,7 @@ from flax import traverse_util
 from prnas_jax import cells, ops
 from prnas_jax.cells import CellLayout
 from prnas_jax.genotype import Entry, Genotype
+from prnas_jax.pieces import Piece
 
 
 def drop_path(x, rate, key):
@@ -119,21 +120,46 @@ class Network(nn.Module):
         s0, s1 = self._scan(run, layouts[run.start], s0, s1, train, drop_rate)
       else:
         for i in run:
-          s0, s1 = s1, self._cell(layouts[i], name=f'cell{i}')(s0, s1, train, drop_rate)
+          s0, s1 = s1, self._cell(layouts[i], self.remat, name=f'cell{i}')(s0, s1, train,
+                                                                           drop_rate)
       if run[-1] == aux_cell and self.auxiliary and train:
         aux = AuxHead(self.num_classes, 3 if self.stem == 'cifar' else 2, name='aux')(s1, train)
     return cells.classifier(self.num_classes, s1), aux
 
-  def _cell(self, layout: CellLayout, **kw) -> Cell:
+  def _cell(self, layout: CellLayout, remat: bool = False, **kw) -> Cell:
     """A cell of ``layout`` (with ``remat``: recomputed in the backward pass)."""
-    cell_cls = nn.remat(Cell, static_argnums=(3,)) if self.remat else Cell
+    cell_cls = nn.remat(Cell, static_argnums=(3,)) if remat else Cell
     return cell_cls(getattr(self.genotype, layout.kind),
                     getattr(self.genotype, f'{layout.kind}_concat'), layout, self.dw_form, **kw)
+
+  def pieces(self) -> list[Piece]:
+    """The network in training as a chain of pieces (``pieces``; docs/design.md, "Program
+    layouts"): ``images`` in, the stem (``stem``; ImageNet's ``stem0`` and ``stem1``), each cell
+    ``cell{i}`` (the cells of one run, ``runs``, are equal modules on inputs of equal shapes:
+    they share their programs), the auxiliary head (``aux_logits``, with ``auxiliary``), and last
+    the classifier ``head`` (``logits``), which the loss applies."""
+    layouts = cells.layouts(self.layers, self.channels, reduction_prev=self.stem != 'cifar')
+    width = self.stem_multiplier * self.channels if self.stem == 'cifar' else self.channels
+    s0, s1 = ('stem', 'stem') if self.stem == 'cifar' else ('stem0', 'stem1')
+    out = [Piece('stem', cells.Stem(width, self.stem, parent=None), ('images',),
+                 tuple(dict.fromkeys((s0, s1))), keys=cells.STEM_KEYS[self.stem])]
+    for i, layout in enumerate(layouts):
+      nodes = len(getattr(self.genotype, layout.kind)) // 2
+      keys = ('pre0', 'pre1') + tuple(f'node{n}_{slot}' for n in range(nodes) for slot in (0, 1))
+      out.append(Piece(f'cell{i}', self._cell(layout, parent=None), (s0, s1), (f'cell{i}',),
+                       (f'cell{i}',), keys, rate='drop_rate'))
+      s0, s1 = s1, f'cell{i}'
+      if i == 2 * self.layers // 3 and self.auxiliary:
+        out.append(Piece('aux', AuxHead(self.num_classes, 3 if self.stem == 'cifar' else 2,
+                                        parent=None), (s1,), ('aux_logits',), ('aux',),
+                         ('conv1', 'bn1', 'conv2', 'bn2', 'head')))
+    return out + [Piece('head', cells.Head(self.num_classes, parent=None), (s1,), ('logits',),
+                        keys=('head',))]
 
   def _scan(self, run: range, layout: CellLayout, s0, s1, train: bool, drop_rate):
     """The cells of ``run`` (of ``layout``) applied in turn as one ``lax.scan``; their new
     batch statistics are written back under each cell's name."""
-    cell = self._cell(layout, parent=None)
+    cell = self._cell(layout, self.remat, parent=None)
     cols = [c for c in ('params', 'batch_stats') if c in self.variables]
     stacked = {c: jax.tree.map(lambda *v: jnp.stack(v),
                                *[self.variables[c][f'cell{i}'] for i in run]) for c in cols}

@@ -1,6 +1,6 @@
-"""The piece engine: a network run as a chain of separately compiled pieces
-(``supernet.Piece``) over named values, forward and in reverse (docs/design.md, "Program
-layouts").
+"""The piece engine: a network run as a chain of separately compiled pieces (``Piece``) over
+named values, forward and in reverse, its weights updated piece by piece, and its programs
+compiled in parallel (docs/design.md, "Program layouts").
 
 XLA's compile time grows faster than the program, and equal pieces (the nodes of the cells of one
 type and width, or one candidate on every edge and cell) share one compiled program. Each piece's
@@ -11,17 +11,56 @@ reverse pass. Every array operation runs inside a program, and each program runs
 """
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import functools
-from typing import TYPE_CHECKING
+import os
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import linen as nn
 
-from prnas_jax import ops
+from prnas_jax import ops, parallel
+from prnas_jax.optim import momentum_buffer, sgd_part_update, with_momentum_buffer
 
-if TYPE_CHECKING:
-  from prnas_jax.supernet import Piece
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """A separately compiled part of a network (docs/design.md, "Program layouts"): ``module``
+  applied to the named values ``inputs`` (and ``index`` as a traced constant) writes the values
+  ``outputs``; a value written by several pieces is their sum. Its variables are ``keys`` under
+  ``scope`` in the network's trees (``select``); ``rate``: the keyword of the module's traced
+  dropout rate (the search's skip dropout, the retraining's drop-path), if it takes one."""
+  name: str
+  module: nn.Module
+  inputs: tuple[str, ...]
+  outputs: tuple[str, ...]
+  scope: tuple[str, ...] = ()
+  keys: tuple[str, ...] = ()
+  index: tuple[int, ...] = ()
+  rate: str = ''
+
+
+def select(tree, piece: Piece) -> dict:
+  """The part of a ``params`` or ``batch_stats`` tree that belongs to ``piece``."""
+  for name in piece.scope:
+    tree = tree.get(name, {})
+  return {k: tree[k] for k in piece.keys if k in tree}
+
+
+def merge(parts: Iterable[tuple[Piece, dict]]) -> dict:
+  """The inverse of ``select``: one tree from the parts of every piece."""
+  out = {}
+  for piece, part in parts:
+    if part:
+      node = out
+      for name in piece.scope:
+        node = node.setdefault(name, {})
+      node.update(part)
+  return out
 
 
 def call(program, *args, **static):
@@ -50,23 +89,26 @@ def constants(piece: Piece) -> tuple:
   return (np.array(piece.index, np.int32),) if piece.index else ()
 
 
-@functools.partial(jax.jit, static_argnames=('module', 'dropout', 'remat'))
-def forward_program(params, stats, inputs, consts, skip_drop, key, index, kernel_grads, *,
-                    module, dropout: bool, remat: bool):
-  """``module`` in training mode on ``inputs`` (dropout key: ``key`` folded with the piece's
-  ``index``): its output, new BatchNorm statistics and the pullback from the output's gradient
+@functools.partial(jax.jit, static_argnames=('module', 'rate', 'remat'))
+def forward_program(params, stats, inputs, consts, drop, key, index, kernel_grads, *,
+                    module, rate: str, remat: bool):
+  """``module`` in training mode on ``inputs``, given the dropout rate ``drop`` as its keyword
+  argument ``rate`` unless that is empty (its dropout and drop-path key: ``key`` folded with the
+  piece's ``index``): its output, new BatchNorm statistics and the pullback from the output's
+  gradient
   to those of ``params`` and ``inputs``, the convolutions' kernel gradients zero where the
   boolean ``kernel_grads`` is false (None: always computed; ``ops.kernel_grads``). With
   ``remat`` the pullback keeps only the inputs and recomputes the forward pass (on the CPU
   less memory and a faster step: XLA fuses the recomputation into the backward pass instead of
   reading stored intermediates)."""
-  extra = {'skip_drop': skip_drop} if dropout else {}
+  extra = {rate: drop} if rate else {}
+  piece_key = jax.random.fold_in(key, index)
 
   def fn(params, inputs):
     with ops.kernel_grads(kernel_grads):
       out, new = module.apply({'params': params, 'batch_stats': stats}, *inputs, *consts,
                               train=True, mutable=['batch_stats'],
-                              rngs={'dropout': jax.random.fold_in(key, index)}, **extra)
+                              rngs={'dropout': piece_key, 'drop_path': piece_key}, **extra)
     return out, new['batch_stats']
 
   out, pullback, new_stats = jax.vjp(jax.checkpoint(fn) if remat else fn, params, inputs,
@@ -107,20 +149,21 @@ def _total(parts: dict, name: str, hook):
   return terms[0]
 
 
-def forward(pieces: list[Piece], values: dict, apply, hook=call) -> dict:
+def forward(pieces: list[Piece], values: dict, apply, hook=call, keep=()) -> dict:
   """Runs ``pieces`` in order. ``values`` maps names to the chain's inputs; each piece reads its
   ``inputs`` from it and adds its ``outputs`` to it (a value several pieces write is their sum in
   piece order, taken by one program at its first read). ``apply(i, piece, inputs)`` runs piece
   ``i`` and returns its output, a tuple if it has several. A value is dropped after its last
-  reader; returns the rest."""
-  last_read = {name: i for i, piece in enumerate(pieces) for name in piece.inputs}
+  reader unless ``keep`` names it; returns the rest."""
+  last_read = {name: i for i, piece in enumerate(pieces) for name in piece.inputs
+               if name not in keep}
   parts = {name: [v] for name, v in values.items()}
   for i, piece in enumerate(pieces):
     out = apply(i, piece, tuple(_total(parts, name, hook) for name in piece.inputs))
     for name, y in zip(piece.outputs, out if len(piece.outputs) > 1 else (out,)):
       parts.setdefault(name, []).append(y)
     for name in set(piece.inputs):
-      if last_read[name] == i:
+      if last_read.get(name) == i:
         del parts[name]
   return {name: _total(parts, name, hook) for name in list(parts)}
 
@@ -184,3 +227,58 @@ def abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       x.shape, x.dtype,
       sharding=getattr(x, 'sharding', None) if getattr(x, 'committed', True) else None), tree)
+
+
+@jax.jit
+def _squared_norm(grads):
+  return optax.tree.norm(grads, squared=True)
+
+
+@jax.jit
+def _root_of_sum(squares):
+  return jnp.sqrt(jnp.sum(jnp.stack(squares)))
+
+
+@functools.partial(jax.jit, static_argnames='cfg', donate_argnames=('params', 'trace'))
+def _piece_sgd(params, trace, grads, norm, lr, *, cfg):
+  """``optim.sgd_tx``'s step (``cfg.clip``, ``cfg.weight_decay``, ``cfg.momentum``) on one
+  piece's weights and their momentum buffer ``trace``; ``norm`` is the global norm of all the
+  gradients (the clip's)."""
+  updates, trace = sgd_part_update(params, trace, grads, norm, clip=cfg.clip,
+                                   weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+  return jax.tree.map(lambda p, u: p - lr * u, params, updates), trace
+
+
+def sgd(params, opt_state, parts, lr, call, cfg):
+  """The weights and their ``optim.sgd_tx`` state after a step from ``parts``, (piece, its
+  weights' gradients) for every piece with weights: one program per piece, shared by the pieces
+  of one structure (one program for all the weights took 25 s of the 8-cell ``mid`` supernet's
+  compile), after one per piece for the squared norm of its gradients (the clip takes their
+  global norm). ``cfg`` holds the clip, weight decay and momentum."""
+  norm = call(_root_of_sum, [call(_squared_norm, g) for _, g in parts])
+  buffer = momentum_buffer(opt_state)
+  new = [(piece, call(_piece_sgd, select(params, piece), select(buffer, piece), g, norm, lr,
+                      cfg=cfg)) for piece, g in parts]
+  return (merge((p, w) for p, (w, _) in new),
+          with_momentum_buffer(opt_state, merge((p, t) for p, (_, t) in new)))
+
+
+def compile_in_parallel(walk, *args) -> None:
+  """Compiles the programs that ``walk(hook, *args)`` calls through ``hook`` in a thread pool
+  (one thread more than the cores), while this thread walks with abstract arrays, tracing and
+  lowering each distinct program (``Lowering``); the jitted calls then find them compiled. Only
+  where ``args`` are committed to the one device, as the runs place them (arrays, or abstract
+  arrays with that sharding): the outputs' sharding
+  is then known before compiling (on several devices it is XLA's choice), and uncommitted
+  arrays lower differently from the walk's (everything would compile twice). Elsewhere the
+  programs compile one by one at their first call."""
+  if jax.device_count() > 1 or not all(
+      getattr(x, 'committed', getattr(x, 'sharding', None) is not None)
+      for x in jax.tree.leaves(args)):
+    return
+  with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0)) + 1) as pool:
+    jobs = []
+    walk(Lowering(parallel.replicated(), lambda lowered: jobs.append(pool.submit(
+        lowered.compile))), *abstract(args))
+    for job in jobs:
+      job.result()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import os
 import time
 from typing import Any
 
@@ -22,9 +21,8 @@ import numpy as np
 import optax
 
 from prnas_jax import data, ops, parallel, pieces, supernet
-from prnas_jax.optim import (cross_entropy, momentum_buffer, sgd_part_update, sgd_tx,
-                             with_momentum_buffer)
-from prnas_jax.supernet import merge, select
+from prnas_jax.optim import cross_entropy, sgd_tx
+from prnas_jax.pieces import merge, select
 
 
 @flax.struct.dataclass
@@ -218,25 +216,6 @@ def _adam_alphas(alphas, a_opt, g_weights, *, net, cfg):
   return _alpha_update(alphas, a_opt, pullback(g_weights)[0], masks, cfg)
 
 
-@jax.jit
-def _squared_norm(grads):
-  return optax.tree.norm(grads, squared=True)
-
-
-@jax.jit
-def _root_of_sum(squares):
-  return jnp.sqrt(jnp.sum(jnp.stack(squares)))
-
-
-@functools.partial(jax.jit, static_argnames='cfg', donate_argnames=('params', 'trace'))
-def _piece_sgd(params, trace, grads, norm, lr, *, cfg):
-  """``cfg.weight_tx()``'s step on one piece's weights and their momentum buffer ``trace``;
-  ``norm`` is the global norm of all the gradients (the clip's)."""
-  updates, trace = sgd_part_update(params, trace, grads, norm, clip=cfg.clip,
-                                   weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-  return jax.tree.map(lambda p, u: p - lr * u, params, updates), trace
-
-
 class PieceUpdate:
   """``update_step`` (same arguments and results, within float tolerance) as a chain of
   compiled programs: augmentation, the supernet's pieces (``Supernet.pieces``: one per stem,
@@ -267,8 +246,8 @@ class PieceUpdate:
           pieces.forward_program, params, select(state.batch_stats, piece),
           inputs, pieces.constants(piece), skip_drop, k_drop, np.int32(i),
           _kernel_grads_flag(np.bool_(not alphas)) if self.cfg.full_alpha_pullback else None,
-          module=piece.module,
-          dropout=self.cfg.skip_dropout and piece.dropout, remat=self.net.remat)
+          module=piece.module, rate=piece.rate if self.cfg.skip_dropout else '',
+          remat=self.net.remat)
       new_stats.append((piece, stats))
       pullbacks.append(pullback)
       return out
@@ -290,45 +269,20 @@ class PieceUpdate:
     by_name = {p.name: p for p in self.body}
     parts = [(p, g) for p, g in [(self.head, g_head)] + [(by_name[n], g) for n, g in grads.items()]
              if jax.tree.leaves(g)]
-    return self.sgd(state, parts, merge(new_stats), lr, call), metrics
-
-  def sgd(self, state, parts, stats, lr, call):
-    """The weight update from ``parts``, (piece, its weights' gradients) for every piece with
-    weights: one program per piece, shared by the pieces of one structure (a program for all
-    the weights took 25 s of the 8-cell ``mid`` compile), after one per piece for the squared
-    norm of its gradients (the clip takes their global norm)."""
-    norm = call(_root_of_sum, [call(_squared_norm, g) for _, g in parts])
-    buffer = momentum_buffer(state.w_opt)
-    new = [(piece, call(_piece_sgd, select(state.params, piece), select(buffer, piece), g, norm,
-                        lr, cfg=self.cfg)) for piece, g in parts]
-    return state.replace(params=merge((p, w) for p, (w, _) in new), batch_stats=stats,
-                         w_opt=with_momentum_buffer(state.w_opt,
-                                                    merge((p, t) for p, (_, t) in new)))
+    params, w_opt = pieces.sgd(state.params, state.w_opt, parts, lr, call, self.cfg)
+    return state.replace(params=params, batch_stats=merge(new_stats), w_opt=w_opt), metrics
 
 
 def precompile(state, batch, net, cfg) -> None:
   """Compiles the programs of an alpha and a weight update and of an evaluation of a
-  ``PieceUpdate`` in a thread pool (one thread more than the cores), while this thread traces
-  and lowers them with abstract arrays; the jitted calls then find them compiled. Only where
-  ``state`` and ``batch`` are placed as the search places them, committed to the one device:
-  the outputs' sharding is then known before compiling (on several devices it is XLA's choice),
-  and uncommitted arrays lower differently from the walk's (everything would compile twice).
-  Elsewhere the programs compile one by one at their first call."""
-  if jax.device_count() > 1 or not all(getattr(x, 'committed', False)
-                                       for x in jax.tree.leaves((state, batch))):
-    return
-  with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0)) + 1) as pool:
-    jobs = []
-    hook = pieces.Lowering(parallel.replicated(), lambda lowered: jobs.append(pool.submit(
-        lowered.compile)))
-    state, batch = pieces.abstract((state, batch))
+  ``PieceUpdate`` in parallel (``pieces.compile_in_parallel``)."""
+  def walk(hook, state, batch):
     update = PieceUpdate(net, cfg)
     for update_alphas in (True, False):
       update(state, batch, *probe_args(update_alphas), call=hook)
     eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std, programs=cfg.programs,
               call=hook)
-    for job in jobs:
-      job.result()
+  pieces.compile_in_parallel(walk, state, batch)
 
 
 _COMPILED = {}

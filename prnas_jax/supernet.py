@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from flax import traverse_util
 from prnas_jax import cells, initialize, morph, ops, pieces
 from prnas_jax.cells import CellLayout
 from prnas_jax.ops import Spec
+from prnas_jax.pieces import Piece, merge
 from prnas_jax.space import CELL_TYPES, NODES, edge_inputs
 
 EdgeOps = tuple[tuple[Spec, ...], ...]  # per edge, the active candidates in column order
@@ -202,22 +203,6 @@ class Concat(nn.Module):
     return jnp.concatenate(nodes, axis=-1)
 
 
-@dataclasses.dataclass(frozen=True)
-class Piece:
-  """A separately compiled part of the supernet (docs/design.md, "Program layouts"): ``module``
-  applied to the named values ``inputs`` (and ``index`` as a traced constant) writes the values
-  ``outputs``; a value written by several pieces is their sum. Its variables are ``keys`` under
-  ``scope`` in the supernet's trees (``select``); ``dropout``: it takes the skip-dropout rate."""
-  name: str
-  module: nn.Module
-  inputs: tuple[str, ...]
-  outputs: tuple[str, ...]
-  scope: tuple[str, ...] = ()
-  keys: tuple[str, ...] = ()
-  index: tuple[int, ...] = ()
-  dropout: bool = False
-
-
 class Supernet(nn.Module):
   """Stem, ``layers`` search cells, global average pool, linear head."""
   normal: EdgeOps
@@ -257,7 +242,7 @@ class Supernet(nn.Module):
     ``cell{i}/edge{e}/<spec>``. These modules are equal for every edge and cell with the same
     candidates (spec), stride and width."""
     out = [Piece('stem', cells.Stem(self.stem_multiplier * self.channels, parent=None),
-                 ('images',), ('stem',), keys=('stem', 'stem_bn'))]
+                 ('images',), ('stem',), keys=cells.STEM_KEYS['cifar'])]
     s0, s1 = 'stem', 'stem'
     for i, layout in enumerate(self.layouts()):
       cell, edges = f'cell{i}', getattr(self, layout.kind)
@@ -268,7 +253,7 @@ class Supernet(nn.Module):
         nodes = CellNodes(edges, dataclasses.replace(layout, reduction_prev=False), self.dw_form,
                           self.fuse_edges, parent=None)
         out.append(Piece(f'{cell}/nodes', nodes, (f'{cell}/s0', f'{cell}/s1', weights), (cell,),
-                         (cell,), tuple(f'edge{e}' for e in range(len(edges))), dropout=True))
+                         (cell,), tuple(f'edge{e}' for e in range(len(edges))), rate='skip_drop'))
       else:
         out += _edge_pieces(cell, edges, layout, self.dw_form, weights, programs)
       s0, s1 = s1, cell
@@ -291,7 +276,7 @@ def _edge_pieces(cell: str, edges: EdgeOps, layout: CellLayout, dw_form, weights
       parts = [(f'{cell}/edge{e}/{spec}', Candidate(spec, *args, parent=None), (str(spec),),
                 (e, col)) for col, spec in enumerate(edges[e])]
     out += [Piece(name, module, (states[j], weights), (states[2 + node],), (cell, f'edge{e}'), keys,
-                  index, dropout=True) for name, module, keys, index in parts]
+                  index, rate='skip_drop') for name, module, keys, index in parts]
   return out + [Piece(f'{cell}/concat', Concat(parent=None), tuple(states[2:]), (cell,))]
 
 
@@ -303,25 +288,6 @@ def weights_value(kind: str) -> str:
 def chain_inputs(images, weights: Mapping[str, jax.Array]) -> dict:
   """The values ``Supernet.pieces`` starts from: the images and each cell type's edge weights."""
   return {'images': images} | {weights_value(k): w for k, w in weights.items()}
-
-
-def select(tree, piece: Piece) -> dict:
-  """The part of a ``params`` or ``batch_stats`` tree that belongs to ``piece``."""
-  for name in piece.scope:
-    tree = tree.get(name, {})
-  return {k: tree[k] for k in piece.keys if k in tree}
-
-
-def merge(parts: Iterable[tuple[Piece, dict]]) -> dict:
-  """The inverse of ``select``: one tree from the parts of every piece."""
-  out = {}
-  for piece, part in parts:
-    if part:
-      node = out
-      for name in piece.scope:
-        node = node.setdefault(name, {})
-      node.update(part)
-  return out
 
 
 def build(space, dw_form: str | None = None, **kwargs) -> Supernet:

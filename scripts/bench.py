@@ -348,7 +348,8 @@ def train_case(config, batch: int, steps: int, report=lambda fields: None,
   m, size = config.model, config.image_size or 32
   rec = Record(report, batch, case='retrain', genotype=config.genotype, layers=m.layers,
                channels=m.init_channels, dw_form=m.dw_form, search=False,
-               remat=m.remat, scan_cells=m.scan_cells)
+               remat=m.remat, scan_cells=m.scan_cells,
+               programs=train_step.program_layout(m.programs, m.scan_cells))
   cfg = train_step.TrainConfig.from_config(config, MEAN, STD,
                                            'imagenet' if m.stem == 'imagenet' else 'cifar')
   classes = data.num_classes(config.data)
@@ -362,9 +363,10 @@ def train_case(config, batch: int, steps: int, report=lambda fields: None,
     step, _ = train_step.compile_train_step(state, batches[0], net=net, cfg=cfg)
   rec.fields['params'] = network.param_count(state.params)
   lr, drop = np.float32(config.lr), np.float32(m.drop_path)
-  rec.steps(lambda state, i: step(state, batches[i], lr, drop, keys[i])[0], state, steps)
-  if flops:
-    count = (step.cost_analysis() or {}).get('flops', math.nan)
+  state = rec.steps(lambda state, i: step(state, batches[i], lr, drop, keys[i])[0], state, steps)
+  if flops:  # XLA's cost analysis of the whole step before optimisation (equal for both layouts)
+    lowered = train_step.train_step.lower(state, batches[0], lr, drop, keys[0], net=net, cfg=cfg)
+    count = (lowered.cost_analysis() or {}).get('flops', math.nan)
     rec.update('done', flops=count, flop_per_s=count / rec.fields['step_s'])
   return rec.fields
 

@@ -381,6 +381,10 @@ ROWS = {
         train.count_params, _train_config(t, _replace('normal', 0, ['conv(k=99,d=1,mul=[1])', 0]),
                                           layers=3)),
     'genotype too wide to train': _too_wide,
+    'unknown retraining program layout': lambda t: _raises(
+        train.count_params, _train_config(t, layers=3, programs='cells')),
+    'pieces and scanned cells': lambda t: _raises(
+        train.count_params, _train_config(t, layers=3, programs='pieces', scan_cells=True)),
     'scanned cells on a GPU': _scanned_on_a_gpu,
     'bad genotype and bad data in train': lambda t: _raises(train.run, _bad_train(t), t / 'run'),
     'visualize --out that is a file': lambda t: _raises(visualize.draw_genotype, 'DL2', _a_file(t), 'png'),

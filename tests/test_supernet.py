@@ -263,8 +263,8 @@ def test_step_compiles_once_per_program(tiny, stepped):
   assert seconds == 0.0  # the fixture compiled these programs already
   jitted = (search_step._prepare, search_step._edge_weights, pieces.forward_program,
             pieces.pull, pieces.pull_inputs, pieces.add, search_step._head_loss,
-            search_step._adam_alphas, search_step._squared_norm, search_step._root_of_sum,
-            search_step._piece_sgd)
+            search_step._adam_alphas, pieces._squared_norm, pieces._root_of_sum,
+            pieces._piece_sgd)
   sizes = [f._cache_size() for f in jitted]
   search_step.search_step(update, jax.tree.map(jnp.copy, state), _batch(6), _batch(7), True, 0.01,
                     0.0, jax.random.key(8))
@@ -368,7 +368,7 @@ def test_weightless_pieces_pull_back_with_the_weight_updates_program(tiny):
   state = search_step.create_state(jax.tree.map(jnp.copy, variables),
                                    jax.tree.map(jnp.copy, alphas), CFG)
   update(state, _batch(1), *search_step.probe_args(True), call=record)
-  weightless = [not supernet.select(variables['params'], p) for p in update.body]
+  weightless = [not pieces.select(variables['params'], p) for p in update.body]
   assert 0 < sum(weightless) < len(weightless)
   assert calls[::-1] == [pieces.pull if w else pieces.pull_inputs for w in weightless]
 
