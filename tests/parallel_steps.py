@@ -1,8 +1,10 @@
 """``PYTHONPATH=. python tests/parallel_steps.py``, run by test_parallel.py in a fresh process
-with several (fake CPU) devices: a search step and a retraining step of tiny networks, on one
-device and on the mesh of all devices with the same global batch and key. Prints one JSON
+with several (fake CPU) devices: a search step and a retraining step (whole and as pieces) of
+tiny networks, on one device and on the mesh of all devices with the same global batch and
+key. Prints one JSON
 object: the piece engine's hook, losses, the largest difference of any state leaf, whether the
 mesh state stayed replicated and the batch sharded, and images/s of warm steps."""
+import dataclasses
 import json
 import time
 
@@ -84,9 +86,13 @@ def train():
   variables = net.init({'params': jax.random.key(0), 'drop_path': jax.random.key(0)},
                        np.zeros((1, 16, 16, 3), np.float32), train=True)
   state = jax.device_get(train_step.create_train_state(variables, TRAIN_CFG))
-  step = lambda state, batch, key: train_step.train_step(state, batch, np.float32(0.025),
-                                                    np.float32(0.1), key, net=net, cfg=TRAIN_CFG)
-  return _compare('train', step, state, [(b,) for b in _batches(1 + TIMED)])
+  args = np.float32(0.025), np.float32(0.1)
+  pieced = train_step.PieceTrainStep(net, dataclasses.replace(TRAIN_CFG, programs='pieces'))
+  batches = [(b,) for b in _batches(1 + TIMED)]
+  return {**_compare('train', lambda state, batch, key: train_step.train_step(
+      state, batch, *args, key, net=net, cfg=TRAIN_CFG), state, batches),
+          **_compare('train_pieces', lambda state, batch, key: pieced(state, batch, *args, key),
+                     state, batches)}
 
 
 if __name__ == '__main__':

@@ -32,7 +32,7 @@ def eight_devices():
   return result
 
 
-@pytest.mark.parametrize('step', ['search', 'train'])
+@pytest.mark.parametrize('step', ['search', 'train', 'train_pieces'])
 def test_eight_devices_step_equals_one_device_step(eight_devices, step):
   r = eight_devices
   assert r['devices'] == 8
