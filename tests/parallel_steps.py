@@ -1,9 +1,9 @@
 """``PYTHONPATH=. python tests/parallel_steps.py``, run by test_parallel.py in a fresh process
 with several (fake CPU) devices: a search step and a retraining step (whole and as pieces) of
 tiny networks, on one device and on the mesh of all devices with the same global batch and
-key. Prints one JSON
-object: the piece engine's hook, losses, the largest difference of any state leaf, whether the
-mesh state stayed replicated and the batch sharded, and images/s of warm steps."""
+key. Prints one JSON object: the piece engine's hook, losses, the largest difference of any
+state leaf, whether the mesh state stayed replicated and the batch sharded, and images/s of
+warm steps."""
 import dataclasses
 import json
 import time
