@@ -1,7 +1,8 @@
 """Test-wide settings: CPU only, the entry points' XLA flags, full-precision float32 matmuls,
 XLA's fast-compile mode (compile time dominates tiny test networks; tests that need fast steps
-turn it back on), no persistent compilation cache in-process, no downloads, and a check that a
-written picture is plausible."""
+turn it back on), no persistent compilation cache in-process, each module's programs released
+after it, no downloads, and a check that a written picture is plausible."""
+import gc
 import os
 import subprocess
 from pathlib import Path
@@ -13,16 +14,26 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from prnas_jax import cifar, cli  # noqa: E402
+from prnas_jax import cifar, cli, search_step  # noqa: E402
 
 cli.set_xla_flags()  # before JAX starts its backends, as the entry points do
 jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_disable_most_optimizations', True)
-# No persistent compilation cache in this process (the runs' subprocesses keep theirs): three of
-# the four crashes of fresh-clone suites were segmentation faults in XLA:CPU's (jaxlib 0.10.2)
-# serialization of executables for the cache, late in the process, which every entry point that
-# a test calls turned on for all later tests (cli.use_compile_cache).
+# No persistent compilation cache in this process (the runs' subprocesses keep theirs): it wrote
+# every executable of the suite, and the suite took 1,019-1,202 s with it, 870-894 s without.
 jax.config.update('jax_enable_compilation_cache', False)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _release_programs():
+  """Frees the programs a test module compiled once it ends. Each XLA:CPU executable holds
+  memory mappings (a small program about 10, a convolution's gradient about 100), and a process
+  may hold 65,530 (vm.max_map_count): the whole suite in one process reached that limit in
+  ``test_supernet.py``, where mmap failed inside XLA's compiler (a segmentation fault)."""
+  yield
+  search_step._COMPILED.clear()
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(autouse=True)
