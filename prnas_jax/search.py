@@ -114,6 +114,7 @@ class Search:
       previous = (net, {'params': state.params, 'batch_stats': state.batch_stats})
       geno = self.end_stage(i, net, state)
       state = None
+      search_step.release_programs()
     self.log_space(len(epochs))
     if parallel.is_main_process():  # every process holds the same genotype
       if (darts := geno.to_darts()) is not None:
