@@ -31,8 +31,7 @@ def _release_programs():
   may hold 65,530 (vm.max_map_count): the whole suite in one process reached that limit in
   ``test_supernet.py``, where mmap failed inside XLA's compiler (a segmentation fault)."""
   yield
-  search_step._COMPILED.clear()
-  jax.clear_caches()
+  search_step.release_programs()
   gc.collect()
 
 
