@@ -332,7 +332,7 @@ def release_programs() -> None:
   XLA:CPU executable holds memory mappings (a convolution's gradient about 100), of which a
   process may hold 65,530 (Linux's ``vm.max_map_count``); mmap then fails inside XLA (a
   segmentation fault). The small search's three stages held 3,200, 8,700 and 20,600 without
-  this, and each stage adds more at 8 cells and nine stages."""
+  this; the nine stages of a search at 8 cells would have held more."""
   _COMPILED.clear()
   jax.clear_caches()
 

@@ -26,10 +26,9 @@ jax.config.update('jax_enable_compilation_cache', False)
 
 @pytest.fixture(scope='module', autouse=True)
 def _release_programs():
-  """Frees the programs a test module compiled once it ends. Each XLA:CPU executable holds
-  memory mappings (a small program about 10, a convolution's gradient about 100), and a process
-  may hold 65,530 (vm.max_map_count): the whole suite in one process reached that limit in
-  ``test_supernet.py``, where mmap failed inside XLA's compiler (a segmentation fault)."""
+  """Frees the programs a test module compiled once it ends (``search_step.release_programs``):
+  the whole suite in one process reached the memory mappings a process may hold in
+  ``test_supernet.py``, and XLA's compiler segfaulted."""
   yield
   search_step.release_programs()
   gc.collect()
