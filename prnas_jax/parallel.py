@@ -87,6 +87,14 @@ def replicate(tree):
   return _place(tree, replicated())
 
 
+def first_runs_cost() -> bool:
+  """Whether a compiled program's first run here does costly work of its own, so that a run on
+  zeros belongs before the first step: on a GPU (cuDNN builds its plans: 41 s of the H200's
+  ``first/whole`` update, 69 s of the DL2 step), not on a CPU, where the first run took 1.2 s
+  more than a later step and the zero runs a whole step more (docs/design.md)."""
+  return jax.default_backend() != 'cpu'
+
+
 def zeros_like(tree):
   """Zeros with the shapes, dtypes and shardings of ``tree`` (arrays or
   ``jax.ShapeDtypeStruct``s)."""

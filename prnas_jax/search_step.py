@@ -296,12 +296,12 @@ def probe_args(update_alphas: bool = True):
 def compile_update_step(state, batch, *, net, cfg):
   """The update for these shapes and shardings, compiled ahead of time, and the seconds it took
   (0 when an earlier stage or run in this process compiled the same programs): ``update_step``
-  compiled, or for the other layouts a ``PieceUpdate`` whose programs were compiled
-  by an alpha and a weight update of a zero copy of ``state``; either runs those two updates,
-  so that the first step does no first-run work (the H200 spent 41 s in a first run, README).
-  The programs of ``eval_step`` on batches of this shape are compiled too, alongside the
-  update's (in the whole layout, in a thread while this one traces and compiles the update),
-  and run once, so none compiles later."""
+  compiled, or for the other layouts a ``PieceUpdate`` whose programs were compiled in
+  parallel (``precompile``). The programs of ``eval_step`` on batches of this shape are compiled
+  too, alongside the update's (in the whole layout, in a thread while this one traces and
+  compiles the update), so none compiles later. Where first runs cost
+  (``parallel.first_runs_cost``: the H200 spent 41 s in one) an alpha and a weight update of a
+  zero copy of ``state`` and an evaluation take them before the first step."""
   key = (net, cfg, jax.tree.structure(state),
          tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
   if key in _COMPILED:
@@ -316,12 +316,13 @@ def compile_update_step(state, batch, *, net, cfg):
                                                  std=cfg.std).compile)
       update = update_step.lower(state, batch, *probe_args(), net=net, cfg=cfg).compile()
       evaluation.result()
-  zeros = parallel.zeros_like(state)
-  for update_alphas in (True, False):  # each program's first run: a GPU builds its cuDNN plans
-    zeros, _ = update(zeros, batch, *probe_args(update_alphas))
-  jax.block_until_ready(zeros)
-  jax.block_until_ready(eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std,
-                                  programs=cfg.programs))
+  if parallel.first_runs_cost():
+    zeros = parallel.zeros_like(state)
+    for update_alphas in (True, False):
+      zeros, _ = update(zeros, batch, *probe_args(update_alphas))
+    jax.block_until_ready(zeros)
+    jax.block_until_ready(eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std,
+                                    programs=cfg.programs))
   _COMPILED[key] = update
   return update, time.perf_counter() - t0
 

@@ -171,9 +171,9 @@ def compile_train_step(state: TrainState, batch, *, net, cfg: TrainConfig):
   """The training step for the shapes and shardings of ``state`` and ``batch`` (arrays or
   ``jax.ShapeDtypeStruct``s): ``train_step`` compiled ahead of time, or with
   ``cfg.programs='pieces'`` a ``PieceTrainStep`` whose programs were compiled in parallel
-  (``pieces.compile_in_parallel``); either run once on zeros, so that the first step does no
-  first-run work (cuDNN's plans: 69 s for DL2 on the H200, README). Returns it and the seconds
-  this took."""
+  (``pieces.compile_in_parallel``); either run once on zeros where first runs cost
+  (``parallel.first_runs_cost``: cuDNN's plans, 69 s for DL2 on the H200). Returns it and the
+  seconds this took."""
   t0 = time.perf_counter()
   args = np.float32(0), np.float32(0), jax.random.key(0)
   if cfg.programs == 'pieces':
@@ -182,7 +182,8 @@ def compile_train_step(state: TrainState, batch, *, net, cfg: TrainConfig):
                                state, batch)
   else:
     step = train_step.lower(state, batch, *args, net=net, cfg=cfg).compile()
-  jax.block_until_ready(step(parallel.zeros_like(state), parallel.zeros_like(batch), *args))
+  if parallel.first_runs_cost():
+    jax.block_until_ready(step(parallel.zeros_like(state), parallel.zeros_like(batch), *args))
   return step, time.perf_counter() - t0
 
 
