@@ -1,9 +1,11 @@
 """Entry-point plumbing shared by ``search``, ``train``, ``visualize`` and ``report``: flags
 parsed with one-line errors for bad overrides and config files, positional arguments counted,
 UserErrors reported as one line instead of a traceback, output folders checked, the workdir
-claim, joining a multi-process run, and the XLA flags chosen for the CPU."""
+claim, joining a multi-process run, and the process's settings: the XLA flags chosen per
+backend and malloc keeping freed memory."""
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import json
 import os
@@ -126,13 +128,38 @@ def set_xla_flags(environ=os.environ) -> None:
     environ['XLA_FLAGS'] = ' '.join([given, *new]).strip()
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+  """Makes glibc's malloc keep the memory that a program frees for the next one instead of
+  handing it back to the kernel: no allocation of its own mapping (``M_MMAP_MAX`` 0), no trim
+  of the heap (``M_TRIM_THRESHOLD`` -1). XLA:CPU allocates every buffer of a program run and
+  frees it after, and by default each large one came from a fresh mapping: 0.9 million page
+  faults and 1.5 s of system time in a 3 s search step (docs/design.md, "Memory on the CPU").
+  The process then holds its peak memory until it ends. Returns whether this libc took the
+  settings (not on macOS or musl)."""
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):
+    return False
+  return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+
+
+def prepare_process() -> None:
+  """What a process does before JAX starts its backends: ``set_xla_flags`` and
+  ``keep_freed_memory``."""
+  set_xla_flags()
+  keep_freed_memory()
+
+
 def run(main, args: tuple[str, ...] = ()) -> None:
   """``absl.app.run(main)`` with one-line errors for bad flags and for ``UserError``, after
-  ``set_xla_flags``.
+  ``prepare_process``.
 
   ``args`` names the positional arguments (e.g. ``('WORKDIR',)``); ``main`` gets them in order.
   """
-  set_xla_flags()
+  prepare_process()
 
   def guarded(argv):
     logging.set_verbosity(logging.ERROR)  # orbax: INFO lines per checkpoint; tfds: WARNINGs

@@ -564,5 +564,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.set_xla_flags()  # as the entry points set them
+  cli.prepare_process()  # as the entry points prepare theirs
   app.run(main)

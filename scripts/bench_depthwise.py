@@ -47,5 +47,5 @@ def main(_):
 
 
 if __name__ == '__main__':
-  cli.set_xla_flags()
+  cli.prepare_process()
   app.run(main)

@@ -31,5 +31,5 @@ def main(_):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  bench.cli.set_xla_flags()
+  bench.cli.prepare_process()
   app.run(main)

@@ -1,7 +1,8 @@
-"""Test-wide settings: CPU only, the entry points' XLA flags, full-precision float32 matmuls,
-XLA's fast-compile mode (compile time dominates tiny test networks; tests that need fast steps
-turn it back on), no persistent compilation cache in-process, each module's programs released
-after it, no downloads, and a check that a written picture is plausible."""
+"""Test-wide settings: CPU only, the entry points' process settings (XLA flags, malloc),
+full-precision float32 matmuls, XLA's fast-compile mode (compile time dominates tiny test
+networks; tests that need fast steps turn it back on), no persistent compilation cache
+in-process, each module's programs released after it, no downloads, and a check that a written
+picture is plausible."""
 import gc
 import os
 import subprocess
@@ -16,7 +17,7 @@ from PIL import Image  # noqa: E402
 
 from prnas_jax import cifar, cli, search_step  # noqa: E402
 
-cli.set_xla_flags()  # before JAX starts its backends, as the entry points do
+cli.prepare_process()  # before JAX starts its backends, as the entry points do
 jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_disable_most_optimizations', True)
 # No persistent compilation cache in this process (the runs' subprocesses keep theirs): it wrote

@@ -1,8 +1,10 @@
 """The stage loop: config validation, pruning/morphing across a stage, derivation, and a tiny
 search end to end on the real CIFAR-10 copy."""
+import ctypes
 import gc
 import json
 import os
+import resource
 import runpy
 import subprocess
 import sys
@@ -293,6 +295,26 @@ def test_compile_cache_goes_to_the_user_cache(tmp_path, monkeypatch):
   finally:
     jax.config.update('jax_compilation_cache_dir', before[0])
     jax.config.update('jax_persistent_cache_min_compile_time_secs', before[1])
+
+
+@pytest.mark.skipif(not cli.keep_freed_memory(), reason='not glibc')
+def test_freed_memory_is_reused_without_page_faults():
+  """After ``cli.keep_freed_memory`` (the suite's processes call it, as the entry points do) a
+  freed 64 MiB block comes back for the next allocation already faulted in; by default glibc
+  maps each such block afresh, 16,384 page faults every time."""
+  libc, size = ctypes.CDLL(None), 64 * 2**20
+  libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+  libc.free.argtypes = [ctypes.c_void_p]
+
+  def faults_to_fill():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+  faults_to_fill()
+  assert faults_to_fill() < 1000
 
 
 def test_entry_points_set_the_xla_flags(monkeypatch):
