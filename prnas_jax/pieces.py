@@ -122,9 +122,18 @@ def eval_program(params, stats, inputs, consts, *, module):
   return module.apply({'params': params, 'batch_stats': stats}, *inputs, *consts, train=False)
 
 
+def with_squared_norm(grads):
+  """``grads`` and their squared norm, their share of the clip's global norm (``sgd``), computed
+  inside the program that makes them (one program less per piece and step)."""
+  return grads, optax.tree.norm(grads, squared=True)
+
+
 @jax.jit
 def pull(pullback, g):
-  return pullback(g)
+  """A piece's pullback on the gradients ``g`` of its outputs: those of its variables with their
+  squared norm (``with_squared_norm``), and those of its inputs."""
+  g_vars, g_in = pullback(g)
+  return with_squared_norm(g_vars), g_in
 
 
 @jax.jit
@@ -172,7 +181,8 @@ def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, varia
              weightless=frozenset()):
   """The reverse of ``forward``: ``pullbacks[i]`` maps the gradients of piece ``i``'s outputs to
   those of its variables and inputs; ``grads`` holds the gradients of the chain's outputs.
-  Returns ``{piece name: variable gradients}`` (None without ``variables``) and ``grads`` with
+  Returns ``{piece name: (variable gradients, their squared norm)}`` (None without
+  ``variables``) and ``grads`` with
   the gradients of the chain's inputs (summed over their readers, by one program where a value
   has several). Without ``variables`` the pieces ``weightless`` (indices of pieces without
   parameters) still run ``pull``: for them it is the same program as ``pull_inputs``, so one
@@ -230,11 +240,6 @@ def abstract(tree):
 
 
 @jax.jit
-def _squared_norm(grads):
-  return optax.tree.norm(grads, squared=True)
-
-
-@jax.jit
 def _root_of_sum(squares):
   return jnp.sqrt(jnp.sum(jnp.stack(squares)))
 
@@ -250,15 +255,15 @@ def _piece_sgd(params, trace, grads, norm, lr, *, cfg):
 
 
 def sgd(params, opt_state, parts, lr, call, cfg):
-  """The weights and their ``optim.sgd_tx`` state after a step from ``parts``, (piece, its
-  weights' gradients) for every piece with weights: one program per piece, shared by the pieces
-  of one structure (one program for all the weights took 25 s of the 8-cell ``mid`` supernet's
-  compile), after one per piece for the squared norm of its gradients (the clip takes their
-  global norm). ``cfg`` holds the clip, weight decay and momentum."""
-  norm = call(_root_of_sum, [call(_squared_norm, g) for _, g in parts])
+  """The weights and their ``optim.sgd_tx`` state after a step from ``parts``, (piece, (its
+  weights' gradients, their squared norm)) for every piece with weights: one program per piece,
+  shared by the pieces of one structure (one program for all the weights took 25 s of the
+  8-cell ``mid`` supernet's compile), after one for the global norm that the clip takes.
+  ``cfg`` holds the clip, weight decay and momentum."""
+  norm = call(_root_of_sum, [squared for _, (_, squared) in parts])
   buffer = momentum_buffer(opt_state)
   new = [(piece, call(_piece_sgd, select(params, piece), select(buffer, piece), g, norm, lr,
-                      cfg=cfg)) for piece, g in parts]
+                      cfg=cfg)) for piece, (g, _) in parts]
   return (merge((p, w) for p, (w, _) in new),
           with_momentum_buffer(opt_state, merge((p, t) for p, (_, t) in new)))
 

@@ -201,8 +201,10 @@ def _head_loss(params, x, labels, *, module):
   def fn(params, x):
     logits = module.apply({'params': params}, x)
     return cross_entropy(logits, labels), logits
-  (loss, logits), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(params, x)
-  return {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}, grads
+  (loss, logits), (g_params, g_x) = jax.value_and_grad(
+      fn, argnums=(0, 1), has_aux=True)(params, x)
+  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+  return metrics, (pieces.with_squared_norm(g_params), g_x)
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'cfg'), donate_argnames=('alphas', 'a_opt'))
@@ -268,7 +270,7 @@ class PieceUpdate:
       return state.replace(batch_stats=merge(new_stats), alphas=new_alphas, a_opt=a_opt), metrics
     by_name = {p.name: p for p in self.body}
     parts = [(p, g) for p, g in [(self.head, g_head)] + [(by_name[n], g) for n, g in grads.items()]
-             if jax.tree.leaves(g)]
+             if jax.tree.leaves(g[0])]
     params, w_opt = pieces.sgd(state.params, state.w_opt, parts, lr, call, self.cfg)
     return state.replace(params=params, batch_stats=merge(new_stats), w_opt=w_opt), metrics
 

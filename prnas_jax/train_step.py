@@ -120,12 +120,14 @@ def _metrics(loss, logits, labels):
 @functools.partial(jax.jit, static_argnames=('module', 'cfg'))
 def _head_loss(params, x, aux, labels, *, module, cfg: TrainConfig):
   """The classifier ``module`` on ``x`` and the loss (``_loss``): the metrics and the loss's
-  gradients with respect to ``params``, ``x`` and the auxiliary logits ``aux``."""
+  gradients with respect to ``params`` (with their squared norm), ``x`` and the auxiliary
+  logits ``aux``."""
   def fn(params, x, aux):
     logits = module.apply({'params': params}, x)
     return _loss(logits, aux, labels, cfg), logits
-  (loss, logits), grads = jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(params, x, aux)
-  return _metrics(loss, logits, labels), grads
+  (loss, logits), (g_params, *g_inputs) = jax.value_and_grad(
+      fn, argnums=(0, 1, 2), has_aux=True)(params, x, aux)
+  return _metrics(loss, logits, labels), (pieces.with_squared_norm(g_params), *g_inputs)
 
 
 class PieceTrainStep:

@@ -263,8 +263,7 @@ def test_step_compiles_once_per_program(tiny, stepped):
   assert seconds == 0.0  # the fixture compiled these programs already
   jitted = (search_step._prepare, search_step._edge_weights, pieces.forward_program,
             pieces.pull, pieces.pull_inputs, pieces.add, search_step._head_loss,
-            search_step._adam_alphas, pieces._squared_norm, pieces._root_of_sum,
-            pieces._piece_sgd)
+            search_step._adam_alphas, pieces._root_of_sum, pieces._piece_sgd)
   sizes = [f._cache_size() for f in jitted]
   search_step.search_step(update, jax.tree.map(jnp.copy, state), _batch(6), _batch(7), True, 0.01,
                     0.0, jax.random.key(8))
