@@ -182,9 +182,8 @@ def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, varia
   """The reverse of ``forward``: ``pullbacks[i]`` maps the gradients of piece ``i``'s outputs to
   those of its variables and inputs; ``grads`` holds the gradients of the chain's outputs.
   Returns ``{piece name: (variable gradients, their squared norm)}`` (None without
-  ``variables``) and ``grads`` with
-  the gradients of the chain's inputs (summed over their readers, by one program where a value
-  has several). Without ``variables`` the pieces ``weightless`` (indices of pieces without
+  ``variables``) and ``grads`` with the gradients of the chain's inputs (summed over their
+  readers, by one program where a value has several). Without ``variables`` the pieces ``weightless`` (indices of pieces without
   parameters) still run ``pull``: for them it is the same program as ``pull_inputs``, so one
   compile serves both kinds of update."""
   first_writer = {}
