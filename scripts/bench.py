@@ -247,8 +247,10 @@ class Record:
     self.fields.update({f'{name}_s': seconds, f'{name}_cores': (_cpu_seconds() - cpu0) / seconds,
                         f'{name}_programs': len(_COMPILED) - n})
 
-  def steps(self, step, state, n: int):
-    """Runs ``step(state, i) -> state`` for the first step and ``n`` timed steps."""
+  def steps(self, step, state, n: int, more=dict):
+    """Runs ``step(state, i) -> state`` for the first step and ``n`` timed steps and reports
+    their figures, with the fields ``more()`` returns then, before any profiled steps (which a
+    timeout may cut short)."""
     self.update('first step')
     start, times, cpu = len(_COMPILED), [], []
     for i in range(n + 1):
@@ -266,7 +268,7 @@ class Record:
               'compiled_after_warmup': dict(collections.Counter(after)),
               'recompiles': sum(name in self.before for name in after)}
     self.update('done', step_s=step_s, images_per_s=self.batch / step_s,
-                step_cores=sum(cpu[1:]) / sum(times[1:]),
+                step_cores=sum(cpu[1:]) / sum(times[1:]), **more(),
                 **(counts if _COMPILED else {}))  # none if this jax reports no compiles
     if self.profile_steps:
       profiled = {}
@@ -328,9 +330,9 @@ def search_case(config, stage: str, batch: int, steps: int, report=lambda fields
   def step(state, i):
     return search_step.search_step(timed, state, batches[2 * i], batches[2 * i + 1], True, s.lr,
                                    0.0, keys[i])[0]
-  state = rec.steps(step, state, steps)
-  rec.update('done', alpha_s=statistics.median(halves[True][1:]),
-             weight_s=statistics.median(halves[False][1:]))
+  state = rec.steps(step, state, steps, lambda: {
+      'alpha_s': statistics.median(halves[True][1:]),
+      'weight_s': statistics.median(halves[False][1:])})
   if flops:  # XLA's cost analysis of the whole update before optimisation (equal for every
     # layout), twice: an alpha and a weight update per step
     lowered = search_step.update_step.lower(state, batches[0], *search_step.probe_args(),

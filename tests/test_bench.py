@@ -108,12 +108,16 @@ def test_a_profiled_compile_names_where_its_time_went():
 
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections
 def test_profiled_steps_give_their_activities_per_step():
-  rec = _bench().Record(lambda fields: None, 8, '', search=False)
+  """The timed steps' figures are reported before the profiled steps, which a timeout may cut."""
+  reports = []
+  rec = _bench().Record(reports.append, 8, '', search=False)
   rec.profile_steps, rec.fields['build_s'], rec.fields['compile_s'] = 2, 0.0, 0.0
   f = jax.jit(lambda x: jax.numpy.sin(x) @ x)
-  rec.steps(lambda x, i: f(x), jax.numpy.ones((64, 64)), 2)
+  rec.steps(lambda x, i: f(x), jax.numpy.ones((64, 64)), 2, lambda: {'alpha_s': 1.0})
   top = rec.fields['step_profile']
   assert any(name.startswith('sin') and count == 1 for _, name, _, count in top), top  # per step
+  before_profile = [r for r in reports if 'step_profile' not in r][-1]
+  assert before_profile['step_s'] > 0 and before_profile['alpha_s'] == 1.0
 
 
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections
