@@ -183,9 +183,9 @@ def backward(pieces: list[Piece], pullbacks: list, grads: dict, hook=call, varia
   those of its variables and inputs; ``grads`` holds the gradients of the chain's outputs.
   Returns ``{piece name: (variable gradients, their squared norm)}`` (None without
   ``variables``) and ``grads`` with the gradients of the chain's inputs (summed over their
-  readers, by one program where a value has several). Without ``variables`` the pieces ``weightless`` (indices of pieces without
-  parameters) still run ``pull``: for them it is the same program as ``pull_inputs``, so one
-  compile serves both kinds of update."""
+  readers, by one program where a value has several). Without ``variables`` the pieces
+  ``weightless`` (indices of pieces without parameters) still run ``pull``: for them it is the
+  same program as ``pull_inputs``, so one compile serves both kinds of update."""
   first_writer = {}
   for i, piece in enumerate(pieces):
     for name in piece.outputs:
