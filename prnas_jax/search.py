@@ -306,13 +306,15 @@ class Search:
     return geno
 
   def evaluate(self, i: int, state, net) -> dict:
-    """Eval-mode loss and accuracy on the alpha split (whole batches of stage ``i``)."""
-    split, bs = self.splits.alphas, self.local_batch(i)
+    """Eval-mode loss and accuracy on the alpha split (whole batches of stage ``i``); the first
+    evaluation of a stage compiles its programs (``search_step.compile_eval_step``)."""
+    split, bs, cfg = self.splits.alphas, self.local_batch(i), self.step_config(i)
+    batch = lambda start: parallel.shard_batch({k: v[start:start + bs] for k, v in split.items()})
+    if seconds := search_step.compile_eval_step(state, batch(0), net=net, cfg=cfg):
+      log.info(f'stage {i}: evaluation compiled in {seconds:.1f} s')
     return loop.mean_loss_accuracy(
-        search_step.eval_step(state, parallel.shard_batch({k: v[start:start + bs]
-                                                            for k, v in split.items()}),
-                              net=net, mean=self.splits.mean, std=self.splits.std,
-                              programs=self.step_config(i).programs)
+        search_step.eval_step(state, batch(start), net=net, mean=cfg.mean, std=cfg.std,
+                              programs=cfg.programs)
         for start in range(0, len(split['label']) - bs + 1, bs))
 
   def log_space(self, step: int) -> None:

@@ -276,18 +276,17 @@ class PieceUpdate:
 
 
 def precompile(state, batch, net, cfg) -> None:
-  """Compiles the programs of an alpha and a weight update and of an evaluation of a
-  ``PieceUpdate`` in parallel (``pieces.compile_in_parallel``)."""
+  """Compiles the programs of an alpha and a weight update of a ``PieceUpdate`` in parallel
+  (``pieces.compile_in_parallel``)."""
   def walk(hook, state, batch):
     update = PieceUpdate(net, cfg)
     for update_alphas in (True, False):
       update(state, batch, *probe_args(update_alphas), call=hook)
-    eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std, programs=cfg.programs,
-              call=hook)
   pieces.compile_in_parallel(walk, state, batch)
 
 
 _COMPILED = {}
+_EVALUATIONS = set()
 
 
 def probe_args(update_alphas: bool = True):
@@ -295,17 +294,25 @@ def probe_args(update_alphas: bool = True):
   return np.bool_(update_alphas), np.float32(0), np.float32(0), jax.random.key(0)
 
 
+def _compile_key(state, batch, net, cfg):
+  return (net, cfg, jax.tree.structure(state),
+          tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
+
+
+def _eval_key(state, batch, net, cfg):
+  return _compile_key(state, batch, net, (cfg.programs, cfg.mean, cfg.std))
+
+
 def compile_update_step(state, batch, *, net, cfg):
   """The update for these shapes and shardings, compiled ahead of time, and the seconds it took
   (0 when an earlier stage or run in this process compiled the same programs): ``update_step``
   compiled, or for the other layouts a ``PieceUpdate`` whose programs were compiled in
-  parallel (``precompile``). The programs of ``eval_step`` on batches of this shape are compiled
-  too, alongside the update's (in the whole layout, in a thread while this one traces and
-  compiles the update), so none compiles later. Where first runs cost
+  parallel (``precompile``). In the whole layout the evaluation's one program compiles too, in
+  a thread while this one traces and compiles the update; the other layouts compile theirs at
+  the first evaluation (``compile_eval_step``). Where first runs cost
   (``parallel.first_runs_cost``: the H200 spent 41 s in one) an alpha and a weight update of a
   zero copy of ``state`` and an evaluation take them before the first step."""
-  key = (net, cfg, jax.tree.structure(state),
-         tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves((state, batch))))
+  key = _compile_key(state, batch, net, cfg)
   if key in _COMPILED:
     return _COMPILED[key], 0.0
   t0 = time.perf_counter()
@@ -318,15 +325,33 @@ def compile_update_step(state, batch, *, net, cfg):
                                                  std=cfg.std).compile)
       update = update_step.lower(state, batch, *probe_args(), net=net, cfg=cfg).compile()
       evaluation.result()
+    _EVALUATIONS.add(_eval_key(state, batch, net, cfg))
   if parallel.first_runs_cost():
     zeros = parallel.zeros_like(state)
     for update_alphas in (True, False):
       zeros, _ = update(zeros, batch, *probe_args(update_alphas))
     jax.block_until_ready(zeros)
-    jax.block_until_ready(eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std,
-                                    programs=cfg.programs))
+    if cfg.programs == 'whole':
+      jax.block_until_ready(eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std,
+                                      programs=cfg.programs))
   _COMPILED[key] = update
   return update, time.perf_counter() - t0
+
+
+def compile_eval_step(state, batch, *, net, cfg) -> float:
+  """Compiles the programs of ``eval_step`` on batches like ``batch`` in parallel
+  (``pieces.compile_in_parallel``), unless they were (the whole layout's compiled with the
+  update), and returns the seconds it took. The search calls it at its first evaluation, at the
+  end of a stage, so that these programs do not delay the first step (docs/design.md)."""
+  key = _eval_key(state, batch, net, cfg)
+  if key in _EVALUATIONS:
+    return 0.0
+  t0 = time.perf_counter()
+  pieces.compile_in_parallel(
+      lambda hook, state, batch: eval_step(state, batch, net=net, mean=cfg.mean, std=cfg.std,
+                                           programs=cfg.programs, call=hook), state, batch)
+  _EVALUATIONS.add(key)
+  return time.perf_counter() - t0
 
 
 def release_programs() -> None:
@@ -337,6 +362,7 @@ def release_programs() -> None:
   segmentation fault). The small search's three stages held 3,200, 8,700 and 20,600 without
   this; the nine stages of a search at 8 cells would have held more."""
   _COMPILED.clear()
+  _EVALUATIONS.clear()
   jax.clear_caches()
 
 

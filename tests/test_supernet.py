@@ -287,17 +287,21 @@ def _compiles(run):
 
 
 def test_precompiled_programs_serve_the_first_updates_and_evaluation(tiny):
-  """``precompile`` (compile_update_step's compile in a thread pool) leaves nothing to compile
-  or to read from the persistent cache for an alpha update, a weight update and an evaluation
-  placed as the search places them; for arrays not committed to the device it does nothing."""
+  """``precompile`` (compile_update_step's compile in a thread pool) and ``compile_eval_step``
+  leave nothing to compile or to read from the persistent cache for an alpha update, a weight
+  update and an evaluation placed as the search places them; for arrays not committed to the
+  device they do nothing."""
   net = supernet.build(tiny[0], layers=2, channels=4)  # programs that no other test compiles
   cfg = dataclasses.replace(CFG, programs='edges')
   variables = supernet.init_variables(net, jax.random.key(1), (16, 16, 3))
   alphas = supernet.init_alphas(jax.random.key(2), supernet.alpha_masks(net.edge_ops()))
   uncommitted = search_step.create_state(variables, alphas, cfg), _batch(1)
   assert _compiles(lambda: search_step.precompile(*uncommitted, net, cfg)) == []
+  assert _compiles(lambda: search_step.compile_eval_step(*uncommitted, net=net, cfg=cfg)) == []
   state, batch = parallel.replicate(uncommitted[0]), parallel.shard_batch(uncommitted[1])
   assert _compiles(lambda: search_step.precompile(state, batch, net, cfg))
+  assert _compiles(lambda: search_step.compile_eval_step(state, batch, net=net, cfg=cfg))
+  assert search_step.compile_eval_step(state, batch, net=net, cfg=cfg) == 0.0  # once
 
   def run():
     s = state
@@ -327,6 +331,7 @@ def test_whole_layout_compiles_its_evaluation_beside_the_update(tiny):
     search_step.compile_update_step(state, _batch(1), net=net, cfg=cfg)
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
+  assert search_step.compile_eval_step(state, _batch(1), net=net, cfg=cfg) == 0.0
   assert threads['jit(update_step)'] == [threading.get_ident()]
   assert len(threads['jit(_eval_whole)']) == 1
   assert threads['jit(_eval_whole)'][0] != threading.get_ident()
