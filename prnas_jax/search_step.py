@@ -311,7 +311,7 @@ def compile_update_step(state, batch, *, net, cfg):
   a thread while this one traces and compiles the update; the other layouts compile theirs at
   the first evaluation (``compile_eval_step``). Where first runs cost
   (``parallel.first_runs_cost``: the H200 spent 41 s in one) an alpha and a weight update of a
-  zero copy of ``state`` and an evaluation take them before the first step."""
+  zero copy of ``state`` (and the whole layout's evaluation) take them before the first step."""
   key = _compile_key(state, batch, net, cfg)
   if key in _COMPILED:
     return _COMPILED[key], 0.0
@@ -387,10 +387,10 @@ def eval_step(state: SearchState, batch, *, net: supernet.Supernet, mean, std,
   """Summed loss, correct count and count of ``batch`` in eval mode, from the compiled programs
   of ``programs`` (one per supernet piece, per edge, per candidate, or one for the whole
   supernet); ``call`` as in ``PieceUpdate``."""
-  if programs == 'whole':
-    return _eval_whole(state, batch, net=net, mean=mean, std=std)
-  *body, head = net.pieces(programs)
   call = call or pieces.default_hook()
+  if programs == 'whole':
+    return call(_eval_whole, state, batch, net=net, mean=mean, std=std)
+  *body, head = net.pieces(programs)
 
   def apply(_, piece, inputs):
     return call(pieces.eval_program, select(state.params, piece),

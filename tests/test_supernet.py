@@ -315,7 +315,8 @@ def test_precompiled_programs_serve_the_first_updates_and_evaluation(tiny):
 
 def test_whole_layout_compiles_its_evaluation_beside_the_update(tiny):
   """In the whole layout the evaluation compiles in another thread while the update compiles,
-  and that program serves the evaluation: it compiles once."""
+  and that program serves the evaluation: it compiles once. ``compile_eval_step`` alone, for
+  another batch placed as the search places it, compiles the program that serves that one."""
   net = supernet.build(tiny[0], layers=2, channels=4, remat=True)  # compiled by no other test
   cfg = dataclasses.replace(CFG, programs='whole')
   state = search_step.create_state(supernet.init_variables(net, jax.random.key(1), (16, 16, 3)),
@@ -335,6 +336,10 @@ def test_whole_layout_compiles_its_evaluation_beside_the_update(tiny):
   assert threads['jit(update_step)'] == [threading.get_ident()]
   assert len(threads['jit(_eval_whole)']) == 1
   assert threads['jit(_eval_whole)'][0] != threading.get_ident()
+  state, other = parallel.replicate(state), parallel.shard_batch(_batch(2, n=4))
+  assert search_step.compile_eval_step(state, other, net=net, cfg=cfg) > 0
+  assert _compiles(lambda: jax.block_until_ready(search_step.eval_step(
+      state, other, net=net, mean=MEAN, std=STD, programs='whole'))) == []
 
 
 def test_alpha_update_skips_the_weight_gradients(tiny, stepped):
